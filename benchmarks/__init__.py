@@ -1,0 +1,1 @@
+"""Repeatable measurements writing JSON + Markdown."""

@@ -1,0 +1,1 @@
+"""Tensor post-processing ops with a plain-PyTorch reference for each."""

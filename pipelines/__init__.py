@@ -1,0 +1,1 @@
+"""The four stages (understand, generate, render, compose) and the in-process pipeline. Never imports Ray."""

@@ -1,0 +1,85 @@
+"""Configuration: one small model per concern, joined into ``PipelineConfig``.
+
+Every field has a default, bounds and a one-line doc (the ``description``). Configs are frozen and
+forbid unknown keys, so a typo in a config file is an error rather than a silently ignored value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Config):
+    preset: str = Field(
+        default="tiny",
+        min_length=1,
+        description="a preset name (`shopreel presets`) or a local diffusers checkpoint directory",
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto picks cuda when available, else cpu",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="transformer/text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu"
+    )
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="VAE decoder dtype (Wan recommends float32 for fidelity)"
+    )
+
+
+class GenerateConfig(_Config):
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, le=100, description="denoising steps; None: the preset's default"
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=20.0, description="classifier-free guidance; None: the preset's default"
+    )
+    chunk_latent_frames: int = Field(
+        default=2, ge=1, le=41, description="latent frames per LatentChunk handed to the renderer"
+    )
+
+
+class RenderConfig(_Config):
+    backend: Literal["torch"] = Field(default="torch", description="decoder backend (see render.BACKENDS)")
+
+
+class PlannerConfig(_Config):
+    kind: Literal["template", "llm"] = Field(default="template", description="storyboard planner")
+    llm_path: Path | None = Field(
+        default=None, description="local transformers causal-LM directory for kind='llm'"
+    )
+    max_new_tokens: int = Field(default=768, ge=16, le=4096, description="LLM output budget")
+    max_feature_shots: int = Field(default=3, ge=0, le=8, description="selling-point shots at most")
+    crossfade_s: float = Field(default=0.25, ge=0.0, le=1.0, description="crossfade length; 0: all cuts")
+
+
+class ComposeConfig(_Config):
+    crf: int = Field(default=23, ge=0, le=51, description="x264 constant rate factor (lower: better)")
+    x264_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = Field(
+        default="veryfast", description="x264 speed/size trade-off"
+    )
+    keyframe_interval_s: float = Field(
+        default=0.5, ge=0.1, le=5.0, description="seconds between keyframes; each starts an fMP4 fragment"
+    )
+    audio_sample_rate: int = Field(default=44100, ge=8000, le=48000, description="AAC sample rate")
+    audio_bitrate: int = Field(default=128_000, ge=32_000, le=320_000, description="AAC bit rate")
+    music_volume: float = Field(default=0.25, ge=0.0, le=1.0, description="background-bed peak level")
+    font_path: Path | None = Field(
+        default=None, description="TrueType/OpenType font; None: bundled Noto Sans CJK (zh + en)"
+    )
+
+
+class PipelineConfig(_Config):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    compose: ComposeConfig = Field(default_factory=ComposeConfig)

@@ -1,0 +1,1 @@
+"""Ray Serve wiring of the stages (see issue 3)."""
