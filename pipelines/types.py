@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # --- Hard limits (one place; the API and the CLI report them by name) ------------------------------
 MAX_TITLE_CHARS = 120
@@ -276,7 +276,7 @@ class Storyboard(BaseModel):
         last = self.shots[-1]
         if last.transition != Transition.cut:
             raise ValueError("the last shot has no next shot to transition into: use 'cut'")
-        for shot, nxt in zip(self.shots, self.shots[1:]):
+        for shot, nxt in zip(self.shots, self.shots[1:], strict=False):
             if shot.transition_frames >= nxt.num_frames:
                 raise ValueError(f"shots[{shot.index}].transition_frames must be < the next shot's frames")
         if self.total_frames > MAX_TOTAL_FRAMES:
@@ -344,7 +344,9 @@ class FrameChunk:
 
     def __post_init__(self) -> None:
         if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 [T, H, W, 3], got {self.frames.dtype} {self.frames.shape}")
+            raise ValueError(
+                f"frames must be uint8 [T, H, W, 3], got {self.frames.dtype} {self.frames.shape}"
+            )
         if self.frames.shape[0] != self.frame_end - self.frame_start:
             raise ValueError("frame_end - frame_start must equal the number of frames")
 
@@ -362,3 +364,13 @@ class StageTimings:
 
     def as_dict(self) -> dict[str, float | None]:
         return dict(self.__dict__)
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One ``field.path: message`` line per pydantic error, for CLI messages and API error bodies."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{location}: {message}" if location else message)
+    return lines

@@ -1,0 +1,287 @@
+"""The ``shopreel`` command line.
+
+Heavy imports (torch, diffusers) happen inside the commands that need them, so ``shopreel --help``
+and input errors answer at once. A user mistake prints ``error: ...`` and exits with code 2; it
+never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="shopreel: product brief -> short product video (understand, generate, render, compose).",
+)
+console = Console(stderr=True)
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us: reported as one message, exit code 2."""
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from exc
+
+
+def _inline_image_paths(data: Any, base: Path) -> Any:
+    """Briefs on disk may name images by path ({"path": "shoe.jpg"}); the API takes only data."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return data
+    images = []
+    for position, image in enumerate(data["images"]):
+        if isinstance(image, dict) and set(image) == {"path"}:
+            image_path = (base / str(image["path"])).expanduser()
+            try:
+                raw = image_path.read_bytes()
+            except OSError as exc:
+                raise UserError(
+                    f"images[{position}]: cannot read {image_path}: {exc.strerror or exc}"
+                ) from exc
+            image = {"data": base64.b64encode(raw).decode("ascii")}
+        images.append(image)
+    return {**data, "images": images}
+
+
+def _load_model(model: type[BaseModel], path: Path | None, what: str, **overrides: Any) -> Any:
+    from .pipelines.types import describe_validation_error
+
+    if path is None:
+        return None
+    data = _inline_image_paths(_read_json(path, what), path.parent)
+    if isinstance(data, dict):
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = "\n  ".join(describe_validation_error(exc, prefix=what))
+        raise UserError(f"{path} is not a valid {what}:\n  {details}") from exc
+
+
+@app.command()
+def generate(
+    brief: Annotated[Path, typer.Argument(help="product brief JSON (see examples/)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="MP4 to write")] = Path("out.mp4"),
+    preset: Annotated[str, typer.Option(help="preset name or local diffusers checkpoint directory")] = "tiny",
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, overrides the brief")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the preset's)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed, overrides the brief")] = None,
+    fps: Annotated[int | None, typer.Option(help="frames per second, overrides the brief")] = None,
+    duration: Annotated[float | None, typer.Option(help="target seconds, overrides the brief")] = None,
+    profile: Annotated[Path | None, typer.Option(help="shopper profile JSON")] = None,
+    campaign: Annotated[Path | None, typer.Option(help="campaign JSON (e.g. 11.11)")] = None,
+    audio: Annotated[str, typer.Option(help="'bed' (generated music), 'none', or an audio file")] = "bed",
+    thumbnail: Annotated[Path | None, typer.Option(help="JPEG thumbnail to write")] = None,
+    storyboard_out: Annotated[Path | None, typer.Option(help="also write the storyboard JSON here")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    planner: Annotated[str, typer.Option(help="template or llm")] = "template",
+    llm_path: Annotated[Path | None, typer.Option(help="local causal-LM directory for --planner llm")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Make a product video from a brief, in this process (no cluster needed)."""
+    from .pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, PlannerConfig
+    from .pipelines.types import Campaign, ProductBrief, ShopperProfile, describe_validation_error
+
+    try:
+        # 1. Read and check every input before loading any model.
+        product = _load_model(
+            ProductBrief, brief, "brief", size=size, seed=seed, fps=fps, duration_s=duration
+        )
+        shopper = _load_model(ShopperProfile, profile, "profile")
+        event = _load_model(Campaign, campaign, "campaign")
+        audio_source: Any = audio
+        if audio not in ("bed", "none"):
+            audio_source = Path(audio)
+            if not audio_source.is_file():
+                raise UserError(f"--audio {audio}: no such file (use 'bed', 'none' or a file path)")
+        if not output.parent.exists():
+            raise UserError(f"output directory {output.parent} does not exist")
+        try:
+            config = PipelineConfig(
+                model=ModelConfig(preset=preset, device=device, dtype=dtype),  # type: ignore[arg-type]
+                generate=GenerateConfig(num_inference_steps=steps),
+                planner=PlannerConfig(kind=planner, llm_path=llm_path),  # type: ignore[arg-type]
+            )
+        except ValidationError as exc:
+            raise UserError("invalid option: " + "; ".join(describe_validation_error(exc))) from exc
+        # 2. Build the pipeline (model loading errors about presets/devices are user errors).
+        from .pipelines.pipeline import ProductVideoPipeline
+
+        try:
+            pipeline = ProductVideoPipeline(config)
+            storyboard = pipeline.plan(product, shopper, event)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+
+    _print_storyboard(storyboard, pipeline.model.preset)
+    if storyboard_out is not None:
+        storyboard_out.write_text(storyboard.model_dump_json(indent=2), encoding="utf-8")
+
+    # 3. Run with a progress bar (denoising steps and composed frames).
+    result = _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio_source, quiet)
+    _print_result(result, output, thumbnail)
+
+
+def _print_storyboard(storyboard: Any, preset: Any) -> None:
+    console.print(
+        f"[bold]{storyboard.title}[/]: {len(storyboard.shots)} shots, {storyboard.total_frames} frames, "
+        f"{storyboard.width}x{storyboard.height} @ {storyboard.fps} fps ({storyboard.duration_s:.2f} s), "
+        f"planner {storyboard.planner}, preset {preset.name}",
+        highlight=False,
+    )
+    if preset.untrained:
+        console.print(
+            "[yellow]note:[/] this preset has random weights: the pictures are noise-like by design "
+            "(use --preset PATH with a real checkpoint for real footage)",
+            highlight=False,
+        )
+
+
+def _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio, quiet):  # noqa: ANN001
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pipelines.pipeline import Progress as StageProgress
+
+    with Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+        transient=False,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(event_: StageProgress) -> None:
+            if event_.stage not in tasks:
+                tasks[event_.stage] = bar.add_task(event_.stage, total=event_.total)
+            bar.update(tasks[event_.stage], completed=event_.done, total=event_.total)
+
+        return pipeline.run(
+            product,
+            shopper,
+            event,
+            output_path=output,
+            thumbnail_path=thumbnail,
+            audio=audio,
+            on_progress=on_progress,
+        )
+
+
+def _print_result(result: Any, output: Path, thumbnail: Path | None) -> None:
+    t = result.timings
+    console.print(
+        f"wrote [bold]{output}[/] ({result.compose.num_frames} frames, {result.compose.duration_s:.2f} s, "
+        f"{result.compose.width}x{result.compose.height}, "
+        f"audio {'yes' if result.compose.has_audio else 'no'})"
+        + (f" and {thumbnail}" if thumbnail else ""),
+        highlight=False,
+    )
+    console.print(
+        f"timings: understand {t.understand_s:.2f}s, generate {t.generate_s:.2f}s, render {t.render_s:.2f}s, "
+        f"compose {t.compose_s:.2f}s, first fragment {t.first_fragment_s or 0:.2f}s, total {t.total_s:.2f}s "
+        f"({result.frames_per_s:.1f} frames/s)",
+        highlight=False,
+    )
+
+
+@app.command()
+def plan(
+    brief: Annotated[Path, typer.Argument(help="product brief JSON")],
+    profile: Annotated[Path | None, typer.Option(help="shopper profile JSON")] = None,
+    campaign: Annotated[Path | None, typer.Option(help="campaign JSON")] = None,
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT when the brief has none")] = "128x128",
+    fps: Annotated[int, typer.Option(help="fps when the brief has none")] = 16,
+) -> None:
+    """Print the storyboard the template planner makes for a brief (no model is loaded)."""
+    from .pipelines.config import PlannerConfig
+    from .pipelines.types import Campaign, ProductBrief, ShopperProfile, VideoSize
+    from .pipelines.understand import build_planner
+
+    try:
+        product = _load_model(ProductBrief, brief, "brief")
+        try:
+            product = product.model_copy(
+                update={"size": product.size or VideoSize.model_validate(size), "fps": product.fps or fps}
+            )
+        except ValidationError as exc:
+            raise UserError(f"--size {size}: {exc.errors()[0]['msg']}") from exc
+        storyboard = build_planner(PlannerConfig()).plan(
+            product,
+            _load_model(ShopperProfile, profile, "profile"),
+            _load_model(Campaign, campaign, "campaign"),
+        )
+    except (UserError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(storyboard.model_dump_json(indent=2))
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets."""
+    from rich.table import Table
+
+    from .pipelines.presets import PRESETS
+
+    table = Table("preset", "default size", "fps", "steps", "description")
+    for preset in PRESETS.values():
+        table.add_row(
+            preset.name,
+            str(preset.default_size),
+            str(preset.default_fps),
+            str(preset.default_steps),
+            preset.description,
+        )
+    table.add_row(
+        "PATH", "832x480", "16", "30", "a local Wan 2.1 T2V checkpoint directory (diffusers format)"
+    )
+    Console().print(table)
+
+
+@app.command("export-tiny")
+def export_tiny(directory: Annotated[Path, typer.Argument(help="directory to write")]) -> None:
+    """Write the tiny preset as a diffusers checkpoint directory (exercises --preset PATH offline)."""
+    from .pipelines.presets import export_tiny_checkpoint
+
+    if directory.exists() and any(directory.iterdir()):
+        raise _fail(f"{directory} exists and is not empty")
+    export_tiny_checkpoint(directory)
+    typer.echo(f"wrote {directory}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""generate: Shot -> stream of LatentChunk, through a diffusers text-to-video pipeline.
+
+Each shot is one ``WanPipeline`` call with ``output_type="latent"``: the denoiser (a full-attention
+DiT) needs every latent frame of the shot at every step, so a shot's latents exist only once its
+denoising loop ends. They leave at once, split along time into ``chunk_latent_frames`` pieces, so
+the causal renderer can decode piece 0 while the next shot is still denoising.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .config import GenerateConfig
+from .presets import LoadedModel
+from .types import LatentChunk, Shot, Storyboard
+
+# Called after every denoising step: (shot index, step done, steps in total).
+StepCallback = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """The knobs resolved for one request: config value, else the preset's default."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    chunk_latent_frames: int
+
+
+class LatentGenerator:
+    """Denoises the shots of a storyboard and streams their latents out chunk by chunk."""
+
+    def __init__(self, model: LoadedModel, config: GenerateConfig | None = None) -> None:
+        self.model = model
+        self.config = config or GenerateConfig()
+        pipe = model.pipe
+        self._spatial_multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        self._temporal_factor = pipe.vae_scale_factor_temporal
+
+    def settings(self, num_inference_steps: int | None = None) -> GenerateSettings:
+        preset = self.model.preset
+        return GenerateSettings(
+            num_inference_steps=num_inference_steps
+            or self.config.num_inference_steps
+            or preset.default_steps,
+            guidance_scale=(
+                self.config.guidance_scale
+                if self.config.guidance_scale is not None
+                else preset.default_guidance
+            ),
+            chunk_latent_frames=self.config.chunk_latent_frames,
+        )
+
+    def check_inputs(self, storyboard: Storyboard, num_inference_steps: int | None = None) -> None:
+        """Reject what this model cannot produce exactly; never round a planned value."""
+        for name in ("width", "height"):
+            value = getattr(storyboard, name)
+            if value % self._spatial_multiple:
+                raise ValueError(
+                    f"{name}={value} must be a multiple of {self._spatial_multiple} for this model"
+                )
+        for shot in storyboard.shots:
+            if (shot.num_frames - 1) % self._temporal_factor:
+                raise ValueError(
+                    f"shots[{shot.index}].num_frames={shot.num_frames} must be "
+                    f"{self._temporal_factor}k+1 for this model"
+                )
+        if num_inference_steps is not None and not 1 <= num_inference_steps <= 100:
+            raise ValueError(f"num_inference_steps must be in 1..100, got {num_inference_steps}")
+
+    def generate(
+        self,
+        storyboard: Storyboard,
+        *,
+        request_id: str,
+        num_inference_steps: int | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Iterator[LatentChunk]:
+        """All shots in order; chunks of one shot leave as soon as that shot is denoised."""
+        self.check_inputs(storyboard, num_inference_steps)
+        for shot in storyboard.shots:
+            yield from self.generate_shot(
+                storyboard,
+                shot,
+                request_id=request_id,
+                num_inference_steps=num_inference_steps,
+                on_step=on_step,
+            )
+
+    @torch.inference_mode()
+    def generate_shot(
+        self,
+        storyboard: Storyboard,
+        shot: Shot,
+        *,
+        request_id: str,
+        num_inference_steps: int | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Iterator[LatentChunk]:
+        settings = self.settings(num_inference_steps)
+        pipe = self.model.pipe
+
+        # 1. Progress reporting from inside diffusers' denoising loop.
+        def step_end(_pipe, step: int, _timestep, callback_kwargs):
+            if on_step is not None:
+                on_step(shot.index, step + 1, settings.num_inference_steps)
+            return callback_kwargs
+
+        # 2. Denoise the whole shot (seeded per shot: same storyboard, same latents).
+        started = time.perf_counter()
+        generator = torch.Generator(device=self.model.device).manual_seed(shot.seed)
+        latents = pipe(
+            prompt=shot.prompt,
+            negative_prompt=shot.negative_prompt or None,
+            height=storyboard.height,
+            width=storyboard.width,
+            num_frames=shot.num_frames,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            output_type="latent",
+            max_sequence_length=self.model.preset.max_sequence_length,
+            callback_on_step_end=step_end,
+        ).frames
+        denoise_s = time.perf_counter() - started
+
+        # 3. Stream the shot out along time; the renderer decodes causally, chunk by chunk.
+        total = latents.shape[2]
+        if total != shot.num_latent_frames:
+            raise RuntimeError(
+                f"model returned {total} latent frames for shot {shot.index}, expected "
+                f"{shot.num_latent_frames}"
+            )
+        step = settings.chunk_latent_frames
+        is_last_shot = shot.index == len(storyboard.shots) - 1
+        for chunk_index, start in enumerate(range(0, total, step)):
+            end = min(start + step, total)
+            yield LatentChunk(
+                request_id=request_id,
+                shot_index=shot.index,
+                chunk_index=chunk_index,
+                latent_start=start,
+                latent_end=end,
+                latents=latents[:, :, start:end].contiguous(),
+                is_last=end == total,
+                is_last_shot=is_last_shot,
+                timings={"denoise_s": denoise_s if chunk_index == 0 else 0.0},
+            )

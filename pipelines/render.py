@@ -1,0 +1,171 @@
+"""render: LatentChunk -> FrameChunk with a streaming, causal VAE decoder.
+
+Wan's VAE decoder is causal in time: its 3D convolutions see the current latent frame plus a
+cache of the previous ones. ``AutoencoderKLWan._decode`` already decodes one latent frame at a
+time through such a cache; we drive the same loop ourselves with one cache per (request, shot),
+so frames for latent frame k leave before later latents exist, several requests interleave on one
+renderer, and the output equals ``vae.decode`` of the whole shot (tested). The loop follows
+diffusers' private calling convention (``feat_cache``/``feat_idx``/``first_chunk``): diffusers is
+pinned in pyproject.toml for that reason.
+
+Backends sit behind a small registry (``BACKENDS``) so optimised decoders (ONNX Runtime, TensorRT)
+can replace the torch one with the same ``new_state``/``decode`` interface.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..kernels.postprocess import to_uint8_frames
+from .config import RenderConfig
+from .types import FrameChunk, LatentChunk
+
+
+class DecoderBackend(Protocol):
+    """Decodes latent frames of one shot in order; the caller owns the per-shot state."""
+
+    name: str
+
+    def new_state(self) -> object: ...
+
+    def decode(self, state: object, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[1, C, t, h, w]`` -> video ``[1, 3, T, H, W]`` in [-1, 1]."""
+        ...
+
+
+@dataclass
+class _TorchDecodeState:
+    feat_cache: list
+    latent_frames_done: int = 0
+
+
+class TorchDecoderBackend:
+    """Eager PyTorch: the reference every other backend is compared against."""
+
+    name = "torch"
+
+    def __init__(self, vae, device: torch.device) -> None:
+        self.vae = vae
+        self.device = device
+        self.dtype = next(vae.parameters()).dtype
+        # Normalised latents (what the pipeline returns) -> the VAE's latent space, written exactly as
+        # WanPipeline does (divide by 1/std) so frames match a full pipeline decode bit for bit.
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self._mean = torch.tensor(vae.config.latents_mean, device=device, dtype=self.dtype).view(shape)
+        self._inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device, dtype=self.dtype).view(
+            shape
+        )
+        self._num_convs = vae._cached_conv_counts["decoder"]
+
+    def new_state(self) -> _TorchDecodeState:
+        return _TorchDecodeState(feat_cache=[None] * self._num_convs)
+
+    @torch.inference_mode()
+    def decode(self, state: object, latents: torch.Tensor) -> torch.Tensor:
+        if not isinstance(state, _TorchDecodeState):
+            raise TypeError("state was not made by this backend")
+        z = latents.to(device=self.device, dtype=self.dtype) / self._inv_std + self._mean
+        # post_quant_conv is a 1x1x1 convolution: applying it per chunk equals applying it once.
+        x = self.vae.post_quant_conv(z)
+        outputs = []
+        for i in range(x.shape[2]):
+            outputs.append(
+                self.vae.decoder(
+                    x[:, :, i : i + 1],
+                    feat_cache=state.feat_cache,
+                    feat_idx=[0],
+                    first_chunk=state.latent_frames_done == 0,
+                )
+            )
+            state.latent_frames_done += 1
+        out = torch.cat(outputs, dim=2)
+        if self.vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=self.vae.config.patch_size)
+        return out.clamp(-1.0, 1.0)
+
+
+BackendFactory = Callable[[object, torch.device], DecoderBackend]
+BACKENDS: dict[str, BackendFactory] = {"torch": TorchDecoderBackend}
+
+
+def build_backend(name: str, vae, device: torch.device) -> DecoderBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown renderer backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name](vae, device)
+
+
+@dataclass
+class _ShotStream:
+    state: object
+    next_latent: int = 0
+    next_chunk: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StreamingRenderer:
+    """Decodes LatentChunks of many requests; keeps one causal cache per (request, shot)."""
+
+    def __init__(self, vae, device: torch.device, config: RenderConfig | None = None) -> None:
+        self.config = config or RenderConfig()
+        self.backend = build_backend(self.config.backend, vae, device)
+        self._streams: dict[tuple[str, int], _ShotStream] = {}
+        self._streams_lock = threading.Lock()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def render(self, chunk: LatentChunk) -> FrameChunk:
+        key = (chunk.request_id, chunk.shot_index)
+        # 1. Find (or open) this shot's causal state; a shot must start at latent frame 0.
+        with self._streams_lock:
+            stream = self._streams.get(key)
+            if stream is None:
+                if chunk.latent_start != 0:
+                    raise ValueError(
+                        f"request {chunk.request_id} shot {chunk.shot_index}: first chunk must start at "
+                        f"latent frame 0, got {chunk.latent_start}"
+                    )
+                stream = self._streams[key] = _ShotStream(state=self.backend.new_state())
+        with stream.lock:
+            # 2. Causality needs order: a gap or repeat would corrupt the cache.
+            if chunk.latent_start != stream.next_latent or chunk.latent_end <= chunk.latent_start:
+                raise ValueError(
+                    f"request {chunk.request_id} shot {chunk.shot_index}: expected latent frames from "
+                    f"{stream.next_latent}, got [{chunk.latent_start}, {chunk.latent_end})"
+                )
+            started = time.perf_counter()
+            video = self.backend.decode(stream.state, chunk.latents)  # type: ignore[arg-type]
+            frames = to_uint8_frames(video)
+            decode_s = time.perf_counter() - started
+            stream.next_latent = chunk.latent_end
+            frame_start, frame_end = chunk.frame_range
+        # 3. The last chunk of a shot frees its cache.
+        if chunk.is_last:
+            self.release(chunk.request_id, chunk.shot_index)
+        return FrameChunk(
+            request_id=chunk.request_id,
+            shot_index=chunk.shot_index,
+            chunk_index=chunk.chunk_index,
+            frame_start=frame_start,
+            frame_end=frame_end,
+            frames=frames,
+            is_last=chunk.is_last,
+            is_last_shot=chunk.is_last_shot,
+            timings={**chunk.timings, "decode_s": decode_s},
+        )
+
+    def release(self, request_id: str, shot_index: int | None = None) -> None:
+        """Drop causal caches of a finished or abandoned request (one shot, or all of them)."""
+        with self._streams_lock:
+            for key in [k for k in self._streams if k[0] == request_id]:
+                if shot_index is None or key[1] == shot_index:
+                    del self._streams[key]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv and install shopreel with its serving and dev extras. Idempotent and quick when
+# nothing changed. CPU-only machines get torch's CPU build; GPU machines get the CUDA build.
+#   SHOPREEL_TORCH_SPEC   pip requirement for torch, overriding the choice below
+#   SHOPREEL_VENV         where to create the environment (default: .venv in the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${SHOPREEL_VENV:-.venv}
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "setup: Python >= 3.10 is required ($("$python" --version 2>&1))" >&2; exit 1; }
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+# 1. torch first, so the package's loose `torch>=2.4` is already satisfied by the build we chose.
+if [ -n "${SHOPREEL_TORCH_SPEC:-}" ]; then
+  torch_spec=$SHOPREEL_TORCH_SPEC
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  torch_spec="torch>=2.4"          # PyPI's default Linux build carries CUDA
+else
+  torch_spec="torch==2.13.0"       # CPU build (a local wheel on our CI machines)
+fi
+
+# 2. Skip the install when pyproject.toml and the torch choice are what we installed last time.
+stamp="$venv/.shopreel-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c 'import shopreel' 2>/dev/null; then
+  exit 0
+fi
+echo "setup: installing into $venv (torch: $torch_spec)" >&2
+"${pip[@]}" install "$torch_spec"
+"${pip[@]}" install -e '.[serve,dev]'
+echo "$want" > "$stamp"

@@ -1,0 +1,19 @@
+"""Shared fixtures: the tiny preset is built once per test session (about a second on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a model hub: everything is built from configs or saved to tmp dirs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from shopreel.pipelines.config import ModelConfig
+    from shopreel.pipelines.presets import load_model
+
+    return load_model(ModelConfig(preset="tiny", device="cpu"))

@@ -1,0 +1,104 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from media import probe
+from shopreel.cli import app
+from shopreel.pipelines.types import Storyboard
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+runner = CliRunner()
+
+
+def _write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "brief.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("brief", "args", "message"),
+    [
+        ("{not json", [], "is not valid JSON"),
+        ({"title": "Shoe", "duration_s": 600}, [], "brief.duration_s"),
+        ({"title": "Shoe", "language": "fr"}, [], "brief.language"),
+        ({"title": "Shoe", "images": [{"path": "missing.png"}]}, [], "images[0]: cannot read"),
+        ({"title": "Shoe"}, ["--size", "100x100"], "multiple of 16"),
+        ({"title": "Shoe"}, ["--preset", "no-such-model"], "neither a preset"),
+        ({"title": "Shoe"}, ["--audio", "missing.wav"], "--audio missing.wav: no such file"),
+        ({"title": "Shoe"}, ["--device", "tpu"], "invalid option"),
+    ],
+)
+def test_bad_input_is_a_message_and_exit_2(tmp_path, brief, args, message):
+    result = runner.invoke(
+        app, ["generate", str(_write(tmp_path, brief)), "-o", str(tmp_path / "o.mp4"), *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_missing_brief_file(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path / "nope.json")])
+    assert result.exit_code == 2 and "cannot read brief" in result.output
+
+
+def test_plan_prints_a_valid_storyboard():
+    result = runner.invoke(
+        app, ["plan", str(EXAMPLES / "brief_zh.json"), "--campaign", str(EXAMPLES / "campaign_1111.json")]
+    )
+    assert result.exit_code == 0, result.output
+    storyboard = Storyboard.model_validate_json(result.stdout)
+    assert storyboard.language == "zh" and storyboard.badge_text == "双11"
+
+
+def test_presets_lists_tiny():
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 0 and "tiny" in result.output
+
+
+@pytest.mark.slow
+def test_generate_example_writes_the_planned_video(tmp_path):
+    """The README's main command, as a user runs it: the video matches its storyboard."""
+    exe = Path(sys.executable).with_name("shopreel")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "shopreel.cli"]
+    shutil.copy(EXAMPLES / "sneaker.png", tmp_path / "sneaker.png")
+    shutil.copy(EXAMPLES / "brief_en.json", tmp_path / "brief.json")
+    out, thumb, plan = tmp_path / "out.mp4", tmp_path / "out.jpg", tmp_path / "storyboard.json"
+    done = subprocess.run(
+        [
+            *command,
+            "generate",
+            str(tmp_path / "brief.json"),
+            "-o",
+            str(out),
+            "--thumbnail",
+            str(thumb),
+            "--storyboard-out",
+            str(plan),
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    storyboard = Storyboard.model_validate_json(plan.read_text())
+    video = probe(out)
+    assert (video.width, video.height) == (storyboard.width, storyboard.height) == (64, 64)
+    assert video.frames == storyboard.total_frames
+    assert video.fps == storyboard.fps
+    assert video.duration_s == pytest.approx(storyboard.duration_s, abs=1.5 / storyboard.fps)
+    assert video.audio_streams == 1
+    assert video.audio_duration_s == pytest.approx(storyboard.duration_s, abs=0.05)
+    assert thumb.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert "noise-like" in done.stderr  # the tiny preset says its pictures are untrained

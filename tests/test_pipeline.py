@@ -1,0 +1,83 @@
+import io
+
+import pytest
+from media import probe
+from shopreel.pipelines.config import GenerateConfig, PipelineConfig
+from shopreel.pipelines.pipeline import ProductVideoPipeline
+from shopreel.pipelines.types import ProductBrief
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model):
+    return ProductVideoPipeline(
+        PipelineConfig(generate=GenerateConfig(num_inference_steps=2)), model=tiny_model
+    )
+
+
+def _brief(**fields):
+    base = {
+        "title": "Trail bottle",
+        "category": "water bottle",
+        "selling_points": ["Keeps drinks cold 24 h", "Leak-proof lid", "Fits every cup holder"],
+        "price": "129.00",
+        "duration_s": 3,
+        "size": "64x64",
+        "fps": 8,
+    }
+    return ProductBrief.model_validate({**base, **fields})
+
+
+def test_fragments_stream_before_the_last_shot_is_denoised(pipeline, tmp_path):
+    events: list[tuple[str, int]] = []
+    fragments = io.BytesIO()
+    steps_per_shot = 2
+
+    def on_progress(progress):
+        if progress.stage == "denoise":
+            events.append(("step", (progress.done - 1) // steps_per_shot))
+
+    def on_fragment(data: bytes):
+        fragments.write(data)
+        events.append(("fragment", -1))
+
+    result = pipeline.run(
+        _brief(), output_path=tmp_path / "v.mp4", on_progress=on_progress, on_fragment=on_fragment
+    )
+    last_shot = len(result.storyboard.shots) - 1
+    assert last_shot >= 2
+    first_fragment = events.index(("fragment", -1))
+    first_step_of_last_shot = events.index(("step", last_shot))
+    assert first_fragment < first_step_of_last_shot, events
+    # The streamed bytes alone are a valid MP4 with every planned frame.
+    (tmp_path / "stream.mp4").write_bytes(fragments.getvalue())
+    streamed = probe(tmp_path / "stream.mp4")
+    assert streamed.frames == result.storyboard.total_frames == result.compose.num_frames
+    timings = result.timings
+    assert timings.generate_s > 0 and timings.render_s > 0 and timings.compose_s > 0
+    assert 0 < timings.first_fragment_s < timings.total_s
+    assert len(result.per_shot_denoise_s) == len(result.storyboard.shots)
+
+
+def test_same_brief_same_video_frames(pipeline, tmp_path):
+    import av
+    import numpy as np
+
+    def frames(path):
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    a = pipeline.run(_brief(duration_s=2), output_path=tmp_path / "a.mp4", audio="none")
+    b = pipeline.run(_brief(duration_s=2), output_path=tmp_path / "b.mp4", audio="none")
+    assert a.storyboard == b.storyboard
+    assert np.array_equal(frames(tmp_path / "a.mp4"), frames(tmp_path / "b.mp4"))
+    assert probe(tmp_path / "a.mp4").audio_streams == 0
+
+
+def test_preset_defaults_fill_size_and_fps(pipeline):
+    storyboard = pipeline.plan(ProductBrief(title="Mug", duration_s=2))
+    preset = pipeline.model.preset
+    assert (storyboard.width, storyboard.height, storyboard.fps) == (
+        preset.default_size.width,
+        preset.default_size.height,
+        preset.default_fps,
+    )
