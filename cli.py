@@ -202,8 +202,7 @@ def _print_result(result: Any, output: Path, thumbnail: Path | None) -> None:
     console.print(
         f"wrote [bold]{output}[/] ({result.compose.num_frames} frames, {result.compose.duration_s:.2f} s, "
         f"{result.compose.width}x{result.compose.height}, "
-        f"audio {'yes' if result.compose.has_audio else 'no'})"
-        + (f" and {thumbnail}" if thumbnail else ""),
+        f"audio {'yes' if result.compose.has_audio else 'no'})" + (f" and {thumbnail}" if thumbnail else ""),
         highlight=False,
     )
     console.print(
@@ -265,6 +264,56 @@ def presets() -> None:
         "PATH", "832x480", "16", "30", "a local Wan 2.1 T2V checkpoint directory (diffusers format)"
     )
     Console().print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address the HTTP server binds")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (e.g. ray://head:10001, auto); default: start one here"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="ServeConfig as YAML/JSON, or a Serve config file")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="preset name or checkpoint directory")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="where job records and videos are kept")] = None,
+) -> None:
+    """Run the serving cluster (embedded Ray on this machine unless --address) until Ctrl-C."""
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from .pipelines.types import describe_validation_error
+    from .serve.runner import load_config, start
+
+    try:
+        settings = load_config(
+            config, **{"pipeline.model.preset": preset, "jobs.data_dir": str(data_dir) if data_dir else None}
+        )
+    except ValidationError as exc:
+        raise _fail("bad serve config:\n  " + "\n  ".join(describe_validation_error(exc))) from None
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read serve config {config}: {exc}") from None
+    typer.echo(
+        f"starting shopreel ({settings.model_name}, preset {settings.pipeline.model.preset}) ...", err=True
+    )
+    try:
+        server = start(settings, host=host, port=port, address=address)
+    except (TimeoutError, ValueError, ConnectionError) as exc:
+        raise _fail(f"could not start: {exc}") from None
+    typer.echo(f"shopreel is serving at {server.url}  (OpenAI API: {server.url}/v1, Ctrl-C stops)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("stopping ...", err=True)
+        server.stop()
 
 
 @app.command("export-tiny")

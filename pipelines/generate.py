@@ -41,17 +41,24 @@ class LatentGenerator:
         self._spatial_multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
         self._temporal_factor = pipe.vae_scale_factor_temporal
 
-    def settings(self, num_inference_steps: int | None = None) -> GenerateSettings:
+    def settings(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
+    ) -> GenerateSettings:
+        """Per-request value, else the config's, else the preset's default."""
         preset = self.model.preset
+        if guidance_scale is not None:
+            if not 0.0 <= guidance_scale <= 20.0:
+                raise ValueError(f"guidance_scale must be in 0..20, got {guidance_scale}")
+            guidance = guidance_scale
+        elif self.config.guidance_scale is not None:
+            guidance = self.config.guidance_scale
+        else:
+            guidance = preset.default_guidance
         return GenerateSettings(
             num_inference_steps=num_inference_steps
             or self.config.num_inference_steps
             or preset.default_steps,
-            guidance_scale=(
-                self.config.guidance_scale
-                if self.config.guidance_scale is not None
-                else preset.default_guidance
-            ),
+            guidance_scale=guidance,
             chunk_latent_frames=self.config.chunk_latent_frames,
         )
 
@@ -78,6 +85,7 @@ class LatentGenerator:
         *,
         request_id: str,
         num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         on_step: StepCallback | None = None,
     ) -> Iterator[LatentChunk]:
         """All shots in order; chunks of one shot leave as soon as that shot is denoised."""
@@ -88,6 +96,7 @@ class LatentGenerator:
                 shot,
                 request_id=request_id,
                 num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
                 on_step=on_step,
             )
 
@@ -99,9 +108,10 @@ class LatentGenerator:
         *,
         request_id: str,
         num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         on_step: StepCallback | None = None,
     ) -> Iterator[LatentChunk]:
-        settings = self.settings(num_inference_steps)
+        settings = self.settings(num_inference_steps, guidance_scale)
         pipe = self.model.pipe
 
         # 1. Progress reporting from inside diffusers' denoising loop.

@@ -48,6 +48,8 @@ class Preset:
     max_sequence_length: int
     build: Callable[[ModelConfig, torch.device, torch.dtype], VideoPipeline]
     untrained: bool = False  # random weights: frames are noise-like
+    # Only the VAE, for renderer replicas that never run the transformer; None: build() and take .vae
+    build_vae: Callable[[ModelConfig, torch.device], Any] | None = None
 
 
 @dataclass
@@ -140,6 +142,19 @@ def _load_wan_checkpoint(path: Path) -> Callable[[ModelConfig, torch.device, tor
     return build
 
 
+def _load_wan_vae(path: Path) -> Callable[[ModelConfig, torch.device], Any]:
+    def build(config: ModelConfig, device: torch.device) -> Any:
+        import torch
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(
+            path, subfolder="vae", dtype=getattr(torch, config.vae_dtype), local_files_only=True
+        )
+        return vae.to(device).eval().requires_grad_(False)
+
+    return build
+
+
 def _place(pipe: VideoPipeline, config: ModelConfig, device: torch.device) -> VideoPipeline:
     import torch
 
@@ -201,6 +216,7 @@ def wan_checkpoint_preset(path: Path) -> Preset:
         name=str(path),
         description="Wan 2.1 text-to-video checkpoint (diffusers format) from a local directory",
         build=_load_wan_checkpoint(path),
+        build_vae=_load_wan_vae(path),
         **defaults.model_dump(exclude={"default_size"}),
         default_size=defaults.default_size,
     )
@@ -267,6 +283,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def load_vae(config: ModelConfig) -> tuple[Any, torch.device]:
+    """The VAE alone (renderer replicas), on the configured device, in ``config.vae_dtype``."""
+    preset = resolve_preset(config.preset)
+    device = resolve_device(config.device)
+    if preset.build_vae is not None:
+        return preset.build_vae(config, device), device
+    return preset.build(config, device, resolve_dtype(config.dtype, device)).vae, device
 
 
 def load_model(config: ModelConfig) -> LoadedModel:

@@ -108,6 +108,7 @@ class _ShotStream:
     next_latent: int = 0
     next_chunk: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class StreamingRenderer:
@@ -122,6 +123,20 @@ class StreamingRenderer:
     @property
     def active_streams(self) -> int:
         return len(self._streams)
+
+    def next_latent(self, request_id: str, shot_index: int) -> int:
+        """The latent frame this renderer expects next for a shot (0 when it holds no state for it)."""
+        stream = self._streams.get((request_id, shot_index))
+        return stream.next_latent if stream is not None else 0
+
+    def evict_idle(self, max_idle_s: float) -> int:
+        """Drop caches of shots untouched for ``max_idle_s`` (their request died); returns how many."""
+        cutoff = time.monotonic() - max_idle_s
+        with self._streams_lock:
+            stale = [key for key, stream in self._streams.items() if stream.last_used < cutoff]
+            for key in stale:
+                del self._streams[key]
+        return len(stale)
 
     def render(self, chunk: LatentChunk) -> FrameChunk:
         key = (chunk.request_id, chunk.shot_index)
@@ -147,6 +162,7 @@ class StreamingRenderer:
             frames = to_uint8_frames(video)
             decode_s = time.perf_counter() - started
             stream.next_latent = chunk.latent_end
+            stream.last_used = time.monotonic()
             frame_start, frame_end = chunk.frame_range
         # 3. The last chunk of a shot frees its cache.
         if chunk.is_last:

@@ -1,0 +1,590 @@
+"""The HTTP ingress and ``build_app``: OpenAI-style video jobs, sync and streaming product videos.
+
+Every video, whichever endpoint accepted it, is a job record in the SQLite store and ends as a
+file in the video store, so a streamed video can be downloaded again and a job accepted before a
+restart is produced after it. Requests are checked and planned before they are accepted (a bad
+brief costs no GPU time and gets a 400); production then runs in the compositor deployment, which
+drives generator and renderers and streams fMP4 fragments back here.
+
+Errors are mapped to OpenAI's error body once, here: ``APIError`` from the wire-format module,
+``ValueError`` from a stage (a client mistake the schema could not see) as 400, Serve's
+back-pressure as 503 with ``Retry-After``, anything else as a 500 that is logged.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal, cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.deployment import Deployment
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from shopreel.pipelines.presets import resolve_preset
+from shopreel.pipelines.types import Campaign, ProductBrief, ShopperProfile, Storyboard
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import ServeConfig
+from .deployments import (
+    CompositorDeployment,
+    Fragment,
+    GeneratorDeployment,
+    PlannerDeployment,
+    Produced,
+    ProductionOrder,
+    ProductionProgress,
+    RendererDeployment,
+)
+from .metrics import CONTENT_TYPE, ServingMetrics
+from .openai_api import (
+    POLL_AFTER_HEADER,
+    APIError,
+    GenerationOptions,
+    JobRequest,
+    VideoCreateRequest,
+    VideoListQuery,
+    content_variant,
+    deleted_object,
+    list_page,
+    request_to_brief,
+    video_object,
+)
+from .store import JobRecord, JobStore, VideoStore, is_video_id
+
+logger = logging.getLogger("shopreel.serve")
+
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # a brief with four 8 MB images is refused by the image limit
+POLL_AFTER_MS = 500
+VIDEO_ID_HEADER = "x-shopreel-video-id"
+MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg"}
+
+api = FastAPI(title="shopreel", description="Product briefs in, product videos out.", version="0.1")
+
+
+class ProductVideoRequest(BaseModel):
+    """``POST /v1/product-videos``: a structured brief; ``stream`` answers with fMP4 as it is made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    brief: ProductBrief
+    profile: ShopperProfile | None = None
+    campaign: Campaign | None = None
+    stream: bool = Field(default=False, description="true: video/mp4 bytes now; false: a job to poll")
+    model: str | None = Field(default=None, max_length=256)
+    audio: Literal["bed", "none"] = Field(default="bed", description="generated music bed, or silence")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path"))
+    return APIError.invalid(first.get("msg", "invalid request"), param or None).response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return APIError(exc.status_code, str(exc.detail)).response()
+
+
+# Serve pickles the FastAPI app when the class is decorated: what its methods call must exist by then.
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_body_size(request: Request) -> None:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_JSON_BODY_BYTES:
+        raise APIError.too_large(f"request body is {length} bytes, more than {MAX_JSON_BODY_BYTES}")
+
+
+async def _read_json(request: Request) -> Any:
+    _check_body_size(request)
+    raw = await request.body()
+    if len(raw) > MAX_JSON_BODY_BYTES:
+        raise APIError.too_large(f"request body is more than {MAX_JSON_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError.invalid(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _seconds_text(duration_s: float) -> str:
+    return f"{duration_s:g}" if duration_s != int(duration_s) else str(int(duration_s))
+
+
+def _overloaded(exc: Exception, retry_after_s: int) -> APIError:
+    return APIError.overloaded(
+        f"a stage is at capacity: {type(exc).__name__}", retry_after_s, status_code=503
+    )
+
+
+def _failure_code(exc: BaseException) -> tuple[str, str]:
+    """Job error codes: the client's mistake, capacity, or ours."""
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the stage's own exception
+    if isinstance(cause, ValueError):
+        return "invalid_request", str(cause)
+    if isinstance(cause, BackPressureError | DeploymentUnavailableError):
+        return "overloaded", str(cause)
+    return "internal_error", f"{type(cause).__name__}: {cause}"
+
+
+def _failure_error(record: JobRecord) -> APIError:
+    error = record.error or {"code": "internal_error", "message": "video failed"}
+    status = 400 if error["code"] == "invalid_request" else 503 if error["code"] == "overloaded" else 500
+    return APIError(status, error["message"], code=error["code"])
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        config: ServeConfig,
+        planner: DeploymentHandle,
+        generator: DeploymentHandle,
+        renderer: DeploymentHandle,
+        compositor: DeploymentHandle,
+    ) -> None:
+        self.config = config
+        self.planner, self.generator, self.renderer, self.compositor = (
+            planner,
+            generator,
+            renderer,
+            compositor,
+        )
+        self.preset = resolve_preset(config.pipeline.model.preset)
+        data_dir = config.jobs.data_dir
+        self.jobs = JobStore(data_dir / "jobs.sqlite3")
+        self.videos = VideoStore(data_dir / "videos")
+        self.metrics = ServingMetrics()
+        self.queue: asyncio.Queue[str] | None = None
+        self.productions: dict[str, asyncio.Task[None]] = {}
+        self.streams_in_flight = 0
+        self.ready = False
+        self._background: list[asyncio.Task[None]] = []
+        self._interrupted = self.jobs.requeue_interrupted()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> asyncio.Queue[str]:
+        """Start job workers and the readiness probe on the replica's event loop (first call wins)."""
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            for record in self._interrupted:  # accepted before a restart: produce them now
+                self.queue.put_nowait(record.id)
+            self.metrics.queue_depth.set(self.queue.qsize())
+            self._background = [
+                asyncio.create_task(self._worker()) for _ in range(self.config.jobs.concurrency)
+            ]
+            self._background.append(asyncio.create_task(self._become_ready()))
+        return self.queue
+
+    async def _become_ready(self) -> None:
+        """Ready once every stage answers: their constructors loaded and warmed the models."""
+        handles = (self.planner, self.generator, self.renderer, self.compositor)
+        while not self.ready:
+            try:
+                await asyncio.gather(*(handle.ready.remote() for handle in handles))
+                self.ready = True
+            except Exception:  # noqa: BLE001 - a stage still starting; ask again
+                logger.info("waiting for stages to become ready", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    async def check_health(self) -> None:
+        self._ensure_started()
+
+    # --- health, models, metrics ----------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        self._ensure_started()
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        self._ensure_started()
+        if not self.ready:
+            return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready"})
+
+    @api.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        self._ensure_started()
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "shopreel",
+                    "preset": self.preset.name,
+                    "renderer": {"backend": self.config.pipeline.render.backend},
+                    "default_size": str(self.preset.default_size),
+                    "default_fps": self.preset.default_fps,
+                }
+            ],
+        }
+
+    # --- OpenAI-style jobs ----------------------------------------------------------------------
+
+    @api.post("/v1/videos")
+    async def create_video(self, request: Request) -> JSONResponse:
+        create = await self._read_create_request(request)
+        job_request, model = self._job_from_prompt(create)
+        record, storyboard = await self._accept(job_request, prompt=create.prompt, model=model)
+        self._enqueue(record)
+        return JSONResponse(video_object(record))
+
+    @api.get("/v1/videos")
+    async def list_videos(self, request: Request) -> dict[str, Any]:
+        query = VideoListQuery.from_query(request.query_params)
+        try:
+            records, has_more = self.jobs.list(after=query.after, limit=query.limit, order=query.order)
+        except KeyError:
+            raise APIError.invalid(f"no video with id {query.after!r} to list after", "after") from None
+        return list_page(records, has_more)
+
+    @api.get("/v1/videos/{video_id}")
+    async def retrieve_video(self, video_id: str) -> JSONResponse:
+        record = self._record(video_id)
+        body = video_object(record)
+        body["shopreel"] = {"num_frames": record.num_frames, "timings": record.timings}
+        headers = (
+            {POLL_AFTER_HEADER: str(POLL_AFTER_MS)} if record.status in ("queued", "in_progress") else {}
+        )
+        return JSONResponse(body, headers=headers)
+
+    @api.delete("/v1/videos/{video_id}")
+    async def delete_video(self, video_id: str) -> dict[str, Any]:
+        self._record(video_id)
+        production = self.productions.pop(video_id, None)
+        if production is not None:
+            production.cancel()
+        self.jobs.delete(video_id)
+        self.videos.delete(video_id)
+        return deleted_object(video_id)
+
+    @api.get("/v1/videos/{video_id}/content")
+    async def video_content(self, video_id: str, variant: str | None = None) -> FileResponse:
+        record = self._record(video_id)
+        kind = content_variant(variant)
+        if record.status != "completed" or not self.videos.exists(video_id, kind):
+            raise APIError(
+                409 if record.status in ("queued", "in_progress") else 404,
+                f"video {video_id} has no {kind} (status: {record.status})",
+                param="video_id",
+                code="video_not_ready" if record.status != "failed" else "video_failed",
+            )
+        return FileResponse(self.videos.path_for(video_id, kind), media_type=MEDIA_TYPES[kind])
+
+    @api.post("/v1/videos/sync")
+    async def create_video_sync(self, request: Request) -> Response:
+        create = await self._read_create_request(request)
+        job_request, model = self._job_from_prompt(create)
+        self._check_stream_capacity()
+        record, storyboard = await self._accept(job_request, prompt=create.prompt, model=model)
+        production = self._start_production(record, storyboard, job_request, listener=None, kind="sync")
+        await asyncio.shield(production)
+        final = self._record(record.id)
+        if final.status != "completed":
+            raise _failure_error(final)
+        return FileResponse(
+            self.videos.path_for(record.id), media_type="video/mp4", headers={VIDEO_ID_HEADER: record.id}
+        )
+
+    # --- native product videos ------------------------------------------------------------------
+
+    @api.post("/v1/product-videos")
+    async def product_video(self, request: Request) -> Response:
+        data = await _read_json(request)
+        try:
+            body = ProductVideoRequest.model_validate(data)
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+        model = self._check_model(body.model)
+        job_request = JobRequest(
+            brief=body.brief,
+            profile=body.profile,
+            campaign=body.campaign,
+            options=GenerationOptions(
+                num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale
+            ),
+        )
+        if body.stream:
+            self._check_stream_capacity()
+        record, storyboard = await self._accept(job_request, prompt=None, model=model, audio=body.audio)
+        if not body.stream:
+            self._enqueue(record)
+            return JSONResponse(video_object(record))
+        listener: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self._start_production(
+            record, storyboard, job_request, listener=listener, kind="stream", audio=body.audio
+        )
+
+        async def fragments() -> AsyncIterator[bytes]:
+            # If the client goes away the production goes on: the video stays downloadable by id.
+            while (item := await listener.get()) is not None:
+                if isinstance(item, BaseException):
+                    return  # the stream ends short; the job record says why
+                yield item
+
+        return StreamingResponse(
+            fragments(),
+            media_type="video/mp4",
+            headers={VIDEO_ID_HEADER: record.id, "Cache-Control": "no-store"},
+        )
+
+    # --- accepting ------------------------------------------------------------------------------
+
+    async def _read_create_request(self, request: Request) -> VideoCreateRequest:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data") or content_type.startswith(
+            "application/x-www-form-urlencoded"
+        ):
+            _check_body_size(request)
+            async with request.form() as form:
+                return await VideoCreateRequest.from_multipart(form)
+        return VideoCreateRequest.from_json(await _read_json(request))
+
+    def _job_from_prompt(self, create: VideoCreateRequest) -> tuple[JobRequest, str]:
+        model = self._check_model(create.model)
+        brief, options = request_to_brief(create, default_fps=self.preset.default_fps)
+        return JobRequest(brief=brief, options=options), model
+
+    def _check_model(self, model: str | None) -> str:
+        if model is not None and model != self.config.model_name:
+            raise APIError(
+                404,
+                f"model {model!r} is not served here; GET /v1/models lists {self.config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return self.config.model_name
+
+    def _check_stream_capacity(self) -> None:
+        if self.streams_in_flight >= self.config.jobs.max_streams:
+            self.metrics.errors.labels(type="overloaded").inc()
+            raise APIError.overloaded(
+                f"{self.streams_in_flight} videos are streaming, the most this server takes at once",
+                self.config.jobs.retry_after_s,
+                status_code=503,
+            )
+
+    async def _accept(
+        self, job_request: JobRequest, *, prompt: str | None, model: str, audio: str = "bed"
+    ) -> tuple[JobRecord, Storyboard]:
+        """Plan now (a bad brief is a 400 before anything is stored) and record the job."""
+        queue = self._ensure_started()
+        if queue.qsize() >= self.config.jobs.max_pending:
+            self.metrics.errors.labels(type="queue_full").inc()
+            raise APIError.overloaded(
+                f"{queue.qsize()} videos are waiting, the most this server queues",
+                self.config.jobs.retry_after_s,
+                status_code=429,
+            )
+        started = time.perf_counter()
+        try:
+            storyboard = await self.planner.plan.remote(
+                job_request.brief, job_request.profile, job_request.campaign
+            )
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise _overloaded(exc, self.config.jobs.retry_after_s) from None
+        except ValueError as exc:  # the planner refused what the schema let through
+            raise APIError.invalid(str(exc)) from None
+        negative = job_request.options.negative_prompt
+        if negative:
+            storyboard = storyboard.model_copy(
+                update={
+                    "shots": [s.model_copy(update={"negative_prompt": negative}) for s in storyboard.shots]
+                }
+            )
+        understand_s = time.perf_counter() - started
+        stored = {
+            "job": job_request.model_dump(mode="json"),
+            "storyboard": storyboard.model_dump(mode="json"),
+            "audio": audio,
+            "understand_s": understand_s,
+        }
+        record = JobRecord(
+            model=model,
+            prompt=prompt,
+            seconds=_seconds_text(storyboard.duration_s),
+            size=f"{storyboard.width}x{storyboard.height}",
+            request=json.dumps(stored),
+            num_frames=storyboard.total_frames,
+        )
+        return self.jobs.create(record), storyboard
+
+    def _enqueue(self, record: JobRecord) -> None:
+        queue = self._ensure_started()
+        queue.put_nowait(record.id)
+        self.metrics.queue_depth.set(queue.qsize())
+
+    def _record(self, video_id: str) -> JobRecord:
+        record = self.jobs.get(video_id) if is_video_id(video_id) else None
+        if record is None:
+            raise APIError.not_found(f"no video with id {video_id!r}", "video_id")
+        return record
+
+    # --- producing ------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        queue = self._ensure_started()
+        while True:
+            video_id = await queue.get()
+            self.metrics.queue_depth.set(queue.qsize())
+            record = self.jobs.get(video_id)
+            if record is None or record.status != "queued":
+                continue  # deleted while waiting
+            stored = json.loads(record.request)
+            job_request = JobRequest.model_validate(stored["job"])
+            storyboard = Storyboard.model_validate(stored["storyboard"])
+            production = self._start_production(
+                record, storyboard, job_request, listener=None, kind="job", audio=stored.get("audio", "bed")
+            )
+            with contextlib.suppress(asyncio.CancelledError):
+                await production
+
+    def _start_production(
+        self,
+        record: JobRecord,
+        storyboard: Storyboard,
+        job_request: JobRequest,
+        *,
+        listener: asyncio.Queue[bytes | BaseException | None] | None,
+        kind: Literal["job", "stream", "sync"],
+        audio: str = "bed",
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._produce(record, storyboard, job_request, listener, kind, audio))
+        self.productions[record.id] = task
+        task.add_done_callback(lambda _: self.productions.pop(record.id, None))
+        return task
+
+    async def _produce(
+        self,
+        record: JobRecord,
+        storyboard: Storyboard,
+        job_request: JobRequest,
+        listener: asyncio.Queue[bytes | BaseException | None] | None,
+        kind: str,
+        audio: str,
+    ) -> None:
+        started = time.perf_counter()
+        stored = json.loads(record.request)
+        self.jobs.update(record.id, status="in_progress", progress=0)
+        self.metrics.in_flight.labels(kind=kind).inc()
+        if kind != "job":
+            self.streams_in_flight += 1
+        order = ProductionOrder(
+            request_id=record.id,
+            storyboard=storyboard,
+            product_images=list(job_request.brief.images),
+            seed=job_request.brief.seed,
+            audio="none" if audio == "none" else "bed",
+            num_inference_steps=job_request.options.num_inference_steps,
+            guidance_scale=job_request.options.guidance_scale,
+        )
+        first_fragment_s: float | None = None
+        first_fragment_at: float | None = None
+        progress = 0
+        stream = cast(DeploymentResponseGenerator, self.compositor.options(stream=True).produce.remote(order))
+        try:
+            async for event in stream:
+                if isinstance(event, Fragment):
+                    if first_fragment_s is None:
+                        first_fragment_s, first_fragment_at = time.perf_counter() - started, time.time()
+                    if listener is not None:
+                        listener.put_nowait(event.data)
+                elif isinstance(event, ProductionProgress):
+                    if event.percent > progress:
+                        progress = event.percent
+                        if self.jobs.update(record.id, progress=progress) is None:
+                            raise asyncio.CancelledError  # deleted while producing
+                elif isinstance(event, Produced):
+                    with self.videos.open_writer(record.id, "thumbnail") as file:
+                        file.write(event.thumbnail)
+                    with self.videos.open_writer(record.id, "video") as file:
+                        file.write(event.mp4)
+                    timings: dict[str, float | None] = {
+                        "understand_s": stored.get("understand_s", 0.0),
+                        **event.timings,
+                        "first_fragment_s": first_fragment_s,
+                        "total_s": time.perf_counter() - started + stored.get("understand_s", 0.0),
+                        "first_fragment_at": first_fragment_at,
+                        "last_shot_denoised_at": event.shot_denoised_at[-1]
+                        if event.shot_denoised_at
+                        else None,
+                    }
+                    now = int(time.time())
+                    self.jobs.update(
+                        record.id,
+                        status="completed",
+                        progress=100,
+                        completed_at=now,
+                        expires_at=now + self.config.jobs.video_ttl_s,
+                        timings=timings,
+                    )
+                    self.metrics.observe_video(timings, event.num_frames)
+        except asyncio.CancelledError:
+            self.metrics.videos.labels(outcome="cancelled").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded on the job; the worker goes on
+            code, message = _failure_code(exc)
+            logger.warning("video %s failed: %s", record.id, message, exc_info=code == "internal_error")
+            self.metrics.errors.labels(type=code).inc()
+            self.metrics.videos.labels(outcome="failed").inc()
+            self.jobs.update(record.id, status="failed", error={"code": code, "message": message})
+            if listener is not None:
+                listener.put_nowait(exc)
+        finally:
+            stream.cancel()  # no-op when the stream ended; stops the compositor when we were cancelled
+            self.metrics.in_flight.labels(kind=kind).dec()
+            if kind != "job":
+                self.streams_in_flight -= 1
+            if listener is not None:
+                listener.put_nowait(None)
+
+
+def build_app(config: ServeConfig | None = None) -> serve.Application:
+    """The whole cluster as one Serve application: four stages and the HTTP ingress."""
+    config = config or ServeConfig()
+
+    def deployment(cls: Any) -> Deployment:  # the decorators made these Deployments; mypy sees classes
+        return cast(Deployment, cls)
+
+    planner = deployment(PlannerDeployment).options(**config.planner.deployment_options()).bind(config)
+    generator = deployment(GeneratorDeployment).options(**config.generator.deployment_options()).bind(config)
+    renderer = deployment(RendererDeployment).options(**config.renderer.deployment_options()).bind(config)
+    compositor = (
+        deployment(CompositorDeployment)
+        .options(**config.compositor.deployment_options())
+        .bind(config, generator, renderer)
+    )
+    return (
+        deployment(Ingress)
+        .options(**config.ingress.deployment_options())
+        .bind(config, planner, generator, renderer, compositor)
+    )
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for Serve config files (``import_path: shopreel.serve.app:app_builder``)."""
+    return build_app(ServeConfig.model_validate(args or {}))

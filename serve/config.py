@@ -1,0 +1,125 @@
+"""Serving configuration: one typed object from which every deployment and the HTTP app are built.
+
+``ServeConfig`` is what ``build_app`` takes and what the ``args:`` of a Serve config file in
+``deploy/`` hold; every field has a default sized for a 2-core CPU machine running the tiny preset,
+bounds, and a one-line doc. Replicas ask for fractional CPUs there because Ray gives each replica
+1 CPU by default and a third deployment would never schedule on 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from shopreel.pipelines.config import PipelineConfig
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingSettings(_Config):
+    min_replicas: int = Field(default=1, ge=0, le=64, description="replicas kept when idle")
+    max_replicas: int = Field(default=1, ge=1, le=64, description="upper bound under load")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, le=64, description="ongoing requests per replica the autoscaler aims at"
+    )
+    upscale_delay_s: float = Field(default=5.0, ge=0, le=600, description="load must persist this long")
+    downscale_delay_s: float = Field(default=60.0, ge=0, le=3600, description="idle this long to drop one")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class DeploymentSettings(_Config):
+    """Scaling and resources of one stage's deployment."""
+
+    num_replicas: int = Field(default=1, ge=1, le=64, description="fixed replica count (no autoscaling)")
+    autoscaling: AutoscalingSettings | None = Field(
+        default=None, description="set to autoscale between min and max replicas instead"
+    )
+    num_cpus: float = Field(default=0.25, ge=0, le=64, description="CPUs reserved per replica")
+    num_gpus: float = Field(default=0.0, ge=0, le=8, description="GPUs per replica (fractions share one)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources, e.g. to pin a stage to a node pool"
+    )
+    max_ongoing_requests: int = Field(default=4, ge=1, le=1024, description="concurrent calls per replica")
+    max_queued_requests: int = Field(
+        default=64,
+        ge=-1,
+        le=100_000,
+        description="calls waiting per caller before back-pressure (-1: no cap)",
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0, le=600, description="how often Serve checks")
+    health_check_timeout_s: float = Field(default=30.0, gt=0, le=600, description="a check slower fails")
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                **({"resources": dict(self.resources)} if self.resources else {}),
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": 2.0,
+            "graceful_shutdown_wait_loop_s": 0.2,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class JobSettings(_Config):
+    """The /v1/videos job queue kept by the ingress."""
+
+    data_dir: Path = Field(
+        default=Path("shopreel-data"), description="SQLite job records and finished videos live here"
+    )
+    concurrency: int = Field(default=2, ge=1, le=256, description="jobs produced at once by this ingress")
+    max_pending: int = Field(default=32, ge=0, le=100_000, description="queued jobs before 429 Retry-After")
+    max_streams: int = Field(
+        default=4, ge=1, le=1024, description="sync + streaming requests at once before 503 Retry-After"
+    )
+    retry_after_s: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with 429/503")
+    video_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="expires_at horizon")
+
+
+class ServeConfig(_Config):
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="model and stage settings")
+    model_name: str = Field(default="shopreel-tiny", min_length=1, max_length=64, description="/v1/models id")
+    planner: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.1))
+    generator: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.5, max_ongoing_requests=2)
+    )
+    renderer: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.5, max_ongoing_requests=4)
+    )
+    compositor: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.25, max_ongoing_requests=8)
+    )
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(
+            num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=-1
+        )
+    )
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    render_in_flight: int = Field(
+        default=2, ge=1, le=32, description="latent chunks of one video being decoded at once (across shots)"
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="intra-op threads of torch stages; None: every core (Ray would set 1 per fractional CPU)",
+    )
+    warmup: bool = Field(default=True, description="run one tiny request through every stage before /readyz")

@@ -1,0 +1,459 @@
+"""One Ray Serve deployment per stage, each a thin wrapper around its stage from ``pipelines/``.
+
+Streaming between stages. Serve refuses to pass a streaming handle result into another
+deployment, so one replica must iterate the generator's stream and forward each chunk. That
+orchestrator is the compositor: a video's muxer state has to live on one replica for the whole
+request anyway, so the replica that composes a video is the one that drives it. It consumes the
+generator's stream of ``LatentChunk``s, sends each chunk to a renderer replica as it arrives
+(several in flight across shots, at most ``render_in_flight``), restores order, composes, and
+yields fMP4 fragments upward to the ingress while later shots are still denoising.
+
+Renderer state. The causal decoder cache of a shot lives on the renderer replica that decoded its
+previous chunk, so all chunks of a shot are routed with the same ``multiplexed_model_id``
+(Serve routes such calls to the replica that already "holds" that id). Routing affinity is best
+effort (a busy or restarted replica can lose it), so the cache is treated as a cache: a replica
+without the shot's state answers ``NeedHistory`` and the orchestrator resends the chunk with the
+shot's earlier latents (a few MB even at 480p), from which the replica rebuilds the state. Frames
+are identical either way; only the retry costs time.
+
+Tensors cross replicas as numpy arrays (Ray's zero-copy path), never as lists or base64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from shopreel.pipelines.compose import Compositor
+from shopreel.pipelines.generate import LatentGenerator
+from shopreel.pipelines.presets import load_model, load_vae, resolve_preset
+from shopreel.pipelines.render import StreamingRenderer
+from shopreel.pipelines.types import (
+    Campaign,
+    FrameChunk,
+    LatentChunk,
+    ProductBrief,
+    ProductImage,
+    ShopperProfile,
+    Shot,
+    ShotKind,
+    Storyboard,
+)
+from shopreel.pipelines.understand import build_planner
+
+from .config import ServeConfig
+
+logger = logging.getLogger("shopreel.serve")
+
+# A renderer replica forgets the cache of a shot nobody has sent a chunk for in this long.
+RENDER_STATE_IDLE_S = 300.0
+
+
+# --- messages between deployments ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenoiseProgress:
+    shot_index: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class NeedHistory:
+    """A renderer replica has no (or another) causal state for this shot: resend with history."""
+
+    next_latent: int
+
+
+@dataclass(frozen=True)
+class ProductionOrder:
+    """Everything the compositor needs to produce one planned video."""
+
+    request_id: str
+    storyboard: Storyboard
+    product_images: list[ProductImage] = field(default_factory=list)
+    seed: int = 0
+    audio: Literal["bed", "none"] = "bed"
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class ProductionProgress:
+    denoise_steps_done: int
+    denoise_steps_total: int
+    frames_done: int
+    frames_total: int
+
+    @property
+    def percent(self) -> int:
+        done = self.denoise_steps_done / max(1, self.denoise_steps_total) * 0.5
+        done += self.frames_done / max(1, self.frames_total) * 0.5
+        return min(99, int(done * 100))
+
+
+@dataclass(frozen=True)
+class Fragment:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Produced:
+    """The end of a production: the download files and what each stage spent."""
+
+    num_frames: int
+    duration_s: float
+    fps: int
+    width: int
+    height: int
+    has_audio: bool
+    mp4: bytes
+    thumbnail: bytes
+    timings: dict[str, float]
+    shot_denoised_at: list[float]  # wall clock (time.time) when each shot's latents were ready
+    fragment_bytes: int
+
+
+def _set_torch_threads(config: ServeConfig) -> None:
+    """Ray sets OMP_NUM_THREADS from a replica's num_cpus (1 for fractions): undo that unless configured."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+
+
+def warmup_storyboard(width: int = 64, height: int = 64, fps: int = 8) -> Storyboard:
+    shot = Shot(index=0, kind=ShotKind.hook, prompt="warm-up", caption="warm-up", num_frames=5)
+    return Storyboard(
+        title="warm-up",
+        language="en",
+        width=width,
+        height=height,
+        fps=fps,
+        shots=[shot],
+        aigc_label="AI-generated",
+    )
+
+
+# --- planner -------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="planner")
+class PlannerDeployment:
+    """understand: brief -> storyboard (template planner, or a local LLM when configured)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.preset = resolve_preset(config.pipeline.model.preset)
+        self.planner = build_planner(config.pipeline.planner)
+
+    async def plan(
+        self, brief: ProductBrief, profile: ShopperProfile | None = None, campaign: Campaign | None = None
+    ) -> Storyboard:
+        brief = brief.model_copy(
+            update={
+                "size": brief.size or self.preset.default_size,
+                "fps": brief.fps or self.preset.default_fps,
+            }
+        )
+        # An LLM planner computes for seconds: keep the replica's event loop free meanwhile.
+        return await asyncio.to_thread(self.planner.plan, brief, profile, campaign)
+
+    async def ready(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        pass
+
+
+# --- generator -----------------------------------------------------------------------------------
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@serve.deployment(name="generator")
+class GeneratorDeployment:
+    """generate: storyboard -> stream of LatentChunks (numpy latents) and denoising progress."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        _set_torch_threads(config)
+        self.model = load_model(config.pipeline.model)
+        self.generator = LatentGenerator(self.model, config.pipeline.generate)
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.generator.max_ongoing_requests, thread_name_prefix="denoise"
+        )
+        if config.warmup:
+            for _ in self.generator.generate(warmup_storyboard(), request_id="warmup", num_inference_steps=1):
+                pass
+
+    async def generate(
+        self,
+        storyboard: Storyboard,
+        request_id: str,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> AsyncIterator[LatentChunk | DenoiseProgress]:
+        """Denoise in a worker thread; hand its chunks and step events to the caller as they happen."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+        end = object()
+
+        def on_step(shot_index: int, step: int, steps: int) -> None:
+            if cancelled.is_set():
+                raise _Cancelled  # stops diffusers' loop between steps
+            loop.call_soon_threadsafe(events.put_nowait, DenoiseProgress(shot_index, step, steps))
+
+        def work() -> None:
+            try:
+                chunks: Iterator[LatentChunk] = self.generator.generate(
+                    storyboard,
+                    request_id=request_id,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    on_step=on_step,
+                )
+                for chunk in chunks:
+                    latents = chunk.latents.float().cpu().numpy()  # type: ignore[attr-defined]
+                    timings = {**chunk.timings, "denoised_at": time.time()}
+                    loop.call_soon_threadsafe(
+                        events.put_nowait, replace(chunk, latents=latents, timings=timings)
+                    )
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's task below
+                loop.call_soon_threadsafe(events.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, end)
+
+        worker = loop.run_in_executor(self.executor, work)
+        try:
+            while (item := await events.get()) is not end:
+                if isinstance(item, BaseException):
+                    if isinstance(item, _Cancelled):
+                        return
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await asyncio.shield(worker)
+
+    async def ready(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        pass
+
+
+# --- renderer ------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="renderer")
+class RendererDeployment:
+    """render: LatentChunk -> FrameChunk with a causal decoder cache per (request, shot)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        self.torch = torch
+        _set_torch_threads(config)
+        vae, device = load_vae(config.pipeline.model)
+        self.renderer = StreamingRenderer(vae, device, config.pipeline.render)
+        self.backend_name = config.pipeline.render.backend
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.renderer.max_ongoing_requests, thread_name_prefix="decode"
+        )
+        if config.warmup:
+            z_dim = vae.config.z_dim
+            latents = np.zeros((1, z_dim, 2, 8, 8), np.float32)
+            self._render(LatentChunk("warmup", 0, 0, 0, 2, latents, is_last=True, is_last_shot=True))
+
+    @serve.multiplexed(max_num_models_per_replica=256)
+    async def _hold_shot(self, key: str) -> str:
+        # Registering the key is what makes Serve route the shot's later chunks to this replica.
+        return key
+
+    async def render(self, chunk: LatentChunk, history: np.ndarray | None = None) -> FrameChunk | NeedHistory:
+        """Decode one chunk; ``history`` (the shot's latents before it) rebuilds a missing cache."""
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._hold_shot(key)
+        self.renderer.evict_idle(RENDER_STATE_IDLE_S)
+        expected = self.renderer.next_latent(chunk.request_id, chunk.shot_index)
+        if chunk.latent_start != expected:
+            if history is None or history.shape[2] != chunk.latent_start:
+                return NeedHistory(next_latent=expected)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._rebuild_and_render, chunk, history
+            )
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._render, chunk)
+
+    def _render(self, chunk: LatentChunk) -> FrameChunk:
+        latents = self.torch.from_numpy(np.asarray(chunk.latents))
+        return self.renderer.render(replace(chunk, latents=latents))
+
+    def _rebuild_and_render(self, chunk: LatentChunk, history: np.ndarray) -> FrameChunk:
+        self.renderer.release(chunk.request_id, chunk.shot_index)
+        prefix = LatentChunk(
+            chunk.request_id,
+            chunk.shot_index,
+            0,
+            0,
+            chunk.latent_start,
+            history,
+            is_last=False,
+            is_last_shot=False,
+        )
+        self._render(prefix)  # frames already delivered once; only the cache is wanted
+        return self._render(chunk)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        return {"active_streams": self.renderer.active_streams, "backend": self.backend_name}
+
+    def check_health(self) -> None:
+        pass
+
+
+# --- compositor (and per-request orchestrator) ---------------------------------------------------
+
+
+@serve.deployment(name="compositor")
+class CompositorDeployment:
+    """compose: drives one video through generator and renderers, yields fMP4 fragments as they exist."""
+
+    def __init__(self, config: ServeConfig, generator: DeploymentHandle, renderer: DeploymentHandle) -> None:
+        self.config = config
+        self.compositor = Compositor(config.pipeline.compose)
+        self.generator = generator
+        self.renderer = renderer
+
+    async def produce(
+        self, order: ProductionOrder
+    ) -> AsyncIterator[ProductionProgress | Fragment | Produced]:
+        storyboard = order.storyboard
+        request_id = order.request_id
+        session = await asyncio.to_thread(
+            self.compositor.open,
+            storyboard,
+            request_id=request_id,
+            product_images=[image.to_pil() for image in order.product_images],
+            audio=order.audio,
+            seed=order.seed,
+        )
+        workdir = Path(tempfile.mkdtemp(prefix="shopreel-compose-"))
+        in_flight = asyncio.Semaphore(self.config.render_in_flight)
+        history: dict[int, list[np.ndarray]] = {}
+        last_task_of_shot: dict[int, asyncio.Task[FrameChunk]] = {}
+        render_tasks: list[asyncio.Task[FrameChunk]] = []
+        ordered: asyncio.Queue[Any] = asyncio.Queue()
+        end = object()
+        timings = {"generate_s": 0.0, "render_s": 0.0, "compose_s": 0.0}
+        shot_denoised_at: list[float] = []
+
+        async def render_one(chunk: LatentChunk, previous: asyncio.Task[FrameChunk] | None) -> FrameChunk:
+            if previous is not None:
+                await previous  # a shot's cache needs its chunks in order
+            handle = self.renderer.options(multiplexed_model_id=f"{request_id}:{chunk.shot_index}")
+            async with in_flight:
+                result = await handle.render.remote(chunk)
+                if isinstance(result, NeedHistory):
+                    earlier = np.concatenate(history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]
+                    logger.info(
+                        "request %s shot %d: renderer lost its cache, resending %d latent frames",
+                        request_id,
+                        chunk.shot_index,
+                        earlier.shape[2],
+                    )
+                    result = await handle.render.remote(chunk, earlier)
+            if chunk.is_last:
+                history.pop(chunk.shot_index, None)
+            assert isinstance(result, FrameChunk)
+            return result
+
+        async def feed() -> None:
+            """Generator stream -> render tasks, queued in output order."""
+            try:
+                stream: DeploymentResponseGenerator = self.generator.options(stream=True).generate.remote(  # type: ignore[assignment]
+                    storyboard, request_id, order.num_inference_steps, order.guidance_scale
+                )
+                async for item in stream:
+                    if isinstance(item, DenoiseProgress):
+                        await ordered.put(item)
+                        continue
+                    timings["generate_s"] += item.timings.get("denoise_s", 0.0)
+                    if item.chunk_index == 0:
+                        shot_denoised_at.append(item.timings.get("denoised_at", time.time()))
+                    history.setdefault(item.shot_index, []).append(np.asarray(item.latents))
+                    task = asyncio.create_task(render_one(item, last_task_of_shot.get(item.shot_index)))
+                    last_task_of_shot[item.shot_index] = task
+                    render_tasks.append(task)
+                    await ordered.put(task)
+                await ordered.put(end)
+            except Exception as exc:  # noqa: BLE001 - handed to the consuming loop, which raises it
+                await ordered.put(exc)
+
+        feeder = asyncio.create_task(feed())
+        steps_total = 0
+        steps_done = [0] * len(storyboard.shots)
+        frames_done = 0
+        frames_total = sum(shot.num_frames for shot in storyboard.shots)
+        try:
+            while (item := await ordered.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, DenoiseProgress):
+                    steps_total = item.steps * len(storyboard.shots)
+                    steps_done[item.shot_index] = item.step
+                else:
+                    frame_chunk: FrameChunk = await item
+                    timings["render_s"] += frame_chunk.timings.get("decode_s", 0.0)
+                    for data in await asyncio.to_thread(session.push, frame_chunk):
+                        yield Fragment(data)
+                    frames_done += frame_chunk.frames.shape[0]
+                yield ProductionProgress(sum(steps_done), steps_total, frames_done, frames_total)
+            mp4_path, thumbnail_path = workdir / "video.mp4", workdir / "thumbnail.jpg"
+            tail, result = await asyncio.to_thread(session.finish, mp4_path, thumbnail_path)
+            for data in tail:
+                yield Fragment(data)
+            timings["compose_s"] = result.encode_s
+            yield Produced(
+                num_frames=result.num_frames,
+                duration_s=result.duration_s,
+                fps=result.fps,
+                width=result.width,
+                height=result.height,
+                has_audio=result.has_audio,
+                mp4=mp4_path.read_bytes(),
+                thumbnail=thumbnail_path.read_bytes() if result.thumbnail_path else b"",
+                timings=timings,
+                shot_denoised_at=shot_denoised_at,
+                fragment_bytes=result.fragment_bytes,
+            )
+        finally:
+            feeder.cancel()
+            for task in render_tasks:
+                task.cancel()
+            session.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def ready(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        pass

@@ -1,0 +1,411 @@
+"""The OpenAI ``/v1/videos`` wire format: request parsing, prompt -> brief, response objects, errors.
+
+Shapes follow the openai SDK's ``videos`` resource (``openai.types.Video``, ``VideoDeleteResponse``,
+``SyncConversationCursorPage``). The SDK's ``create`` always posts ``multipart/form-data``, with or
+without a file, so extension parameters sent through ``extra_body`` arrive as form strings. The SDK
+types ``seconds``/``size`` as Sora's few literals; any value inside shopreel's limits is accepted here,
+because SGLang and vLLM-Omni clients send other sizes and lengths.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import FormData
+from starlette.responses import JSONResponse
+
+from ..pipelines.types import (
+    MAX_DURATION_S,
+    MAX_FPS,
+    MAX_IMAGE_BYTES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SELLING_POINT_CHARS,
+    MAX_SELLING_POINTS,
+    MAX_TITLE_CHARS,
+    MAX_TOTAL_FRAMES,
+    MIN_DURATION_S,
+    MIN_FPS,
+    Campaign,
+    Language,
+    ProductBrief,
+    ProductImage,
+    ShopperProfile,
+    VideoSize,
+    describe_validation_error,
+)
+from .store import MAX_LIST_LIMIT, VIDEO_ID_PATTERN, JobRecord, ListOrder, VideoVariant
+
+DEFAULT_SECONDS = 4.0  # OpenAI's default clip length
+DEFAULT_LIST_LIMIT = 20
+MAX_INFERENCE_STEPS = 100
+MAX_GUIDANCE_SCALE = 20.0
+MAX_MODEL_CHARS = 256
+# The SDK's ``videos.poll`` waits this many milliseconds between retrieves when a response carries it.
+POLL_AFTER_HEADER = "openai-poll-after-ms"
+
+
+class APIError(Exception):
+    """An error the HTTP boundary sends as OpenAI's error body; the SDK picks its exception by status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type or _default_error_type(status_code)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+    @classmethod
+    def invalid(cls, message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+        return cls(400, message, param=param, code=code)
+
+    @classmethod
+    def too_large(cls, message: str, param: str | None = None) -> APIError:
+        return cls(413, message, param=param, code="payload_too_large")
+
+    @classmethod
+    def not_found(cls, message: str, param: str | None = None) -> APIError:
+        return cls(404, message, param=param, code="not_found")
+
+    @classmethod
+    def overloaded(cls, message: str, retry_after_s: float, status_code: Literal[429, 503] = 503) -> APIError:
+        """A full queue. The SDK retries 429/503 itself after ``retry-after-ms`` (else ``Retry-After``)."""
+        headers = {
+            "Retry-After": str(max(1, math.ceil(retry_after_s))),
+            "retry-after-ms": str(round(retry_after_s * 1000)),
+        }
+        return cls(status_code, message, code="queue_full", headers=headers)
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError, prefix: str = "") -> APIError:
+        """400 naming every bad field; ``param`` is the first one's path (``prefix.field.sub``)."""
+        first = exc.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "") or None
+        code = _VALIDATION_CODES.get(first["type"], "invalid_value")
+        return cls.invalid("; ".join(describe_validation_error(exc, prefix)), param, code)
+
+
+def _default_error_type(status_code: int) -> str:
+    if status_code == 404:
+        return "not_found_error"
+    if status_code == 429:
+        return "rate_limit_error"
+    return "server_error" if status_code >= 500 else "invalid_request_error"
+
+
+_VALIDATION_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}
+
+
+class VideoCreateRequest(BaseModel):
+    """``POST /v1/videos``: OpenAI's parameters plus the extensions SGLang/vLLM-Omni clients send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_CHARS)
+    seconds: float | None = Field(
+        default=None, ge=MIN_DURATION_S, le=MAX_DURATION_S, description="OpenAI sends a string, e.g. '4'"
+    )
+    size: VideoSize | None = Field(default=None, description="'WIDTHxHEIGHT'; None: the model's default")
+    input_reference: bytes | None = Field(
+        default=None, max_length=MAX_IMAGE_BYTES, description="a product image (PNG/JPEG/WebP)"
+    )
+    num_frames: int | None = Field(default=None, ge=1, le=MAX_TOTAL_FRAMES, description="instead of seconds")
+    fps: int | None = Field(default=None, ge=MIN_FPS, le=MAX_FPS)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @classmethod
+    def from_json(cls, data: object) -> VideoCreateRequest:
+        """From a JSON body; ``input_reference`` is OpenAI's ``{"image_url": "data:image/..;base64,.."}``."""
+        if not isinstance(data, dict):
+            raise APIError.invalid("the request body must be a JSON object")
+        values = dict(data)
+        if values.get("input_reference") is not None:
+            values["input_reference"] = _reference_object_bytes(values["input_reference"])
+        return cls._validated(values)
+
+    @classmethod
+    def from_form(cls, fields: Mapping[str, str], input_reference: bytes | None = None) -> VideoCreateRequest:
+        """From multipart text fields (numbers arrive as strings and are parsed, never rounded) + the file.
+
+        ``input_reference[image_url]`` fields (the SDK's form encoding of the object form) are accepted too.
+        """
+        values: dict[str, object] = {}
+        reference: dict[str, str] = {}
+        for key, value in fields.items():
+            match = _REFERENCE_SUBFIELD.fullmatch(key)
+            if match is not None:
+                reference[match.group(1)] = value
+            elif key == "input_reference":
+                raise APIError.invalid("input_reference must be an uploaded image file", key)
+            else:
+                values[key] = value
+        if reference:
+            if input_reference is not None:
+                raise APIError.invalid(
+                    "give input_reference as a file or as an object, not both", "input_reference"
+                )
+            input_reference = _reference_object_bytes(reference)
+        if input_reference is not None:
+            values["input_reference"] = _check_image_size(input_reference)
+        return cls._validated(values)
+
+    @classmethod
+    async def from_multipart(cls, form: FormData) -> VideoCreateRequest:
+        """From a parsed multipart form (``await request.form()``), reading at most one image's bytes."""
+        fields: dict[str, str] = {}
+        upload: bytes | None = None
+        for key, value in form.multi_items():
+            if key in fields or (key == "input_reference" and upload is not None):
+                raise APIError.invalid(f"{key} is given more than once", key)
+            if isinstance(value, str):
+                fields[key] = value
+            elif key == "input_reference":
+                upload = _check_image_size(await value.read(MAX_IMAGE_BYTES + 1))
+            else:
+                raise APIError.invalid(f"{key} must be a text field, not a file", key)
+        return cls.from_form(fields, upload)
+
+    @classmethod
+    def _validated(cls, values: Mapping[str, object]) -> VideoCreateRequest:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+
+
+_REFERENCE_SUBFIELD = re.compile(r"input_reference\[(\w+)\]")
+
+
+def _check_image_size(raw: bytes) -> bytes:
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise APIError.too_large(f"input_reference is larger than {MAX_IMAGE_BYTES} bytes", "input_reference")
+    return raw
+
+
+def _reference_object_bytes(value: object) -> bytes:
+    """The image in OpenAI's ``{"image_url": ...}`` reference; only data URLs (the server fetches no URLs)."""
+    if not isinstance(value, Mapping):
+        raise APIError.invalid("input_reference must be an object with an image_url", "input_reference")
+    for key in value:
+        if key != "image_url":
+            code = "unsupported_parameter" if key == "file_id" else "unknown_parameter"
+            raise APIError.invalid(
+                f"input_reference.{key} is not supported: upload the image or send image_url as a data URL",
+                f"input_reference.{key}",
+                code,
+            )
+    url = value.get("image_url")
+    header, _, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
+    if not (header.startswith("data:image/") and header.endswith(";base64")):
+        raise APIError.invalid(
+            "input_reference.image_url must be a data URL (data:image/png;base64,...)",
+            "input_reference.image_url",
+        )
+    if len(payload) > (MAX_IMAGE_BYTES * 4) // 3 + 4:  # refuse before decoding anything huge
+        raise APIError.too_large(f"input_reference is larger than {MAX_IMAGE_BYTES} bytes", "input_reference")
+    try:
+        return _check_image_size(base64.b64decode(payload, validate=True))
+    except binascii.Error:
+        raise APIError.invalid(
+            "input_reference.image_url is not valid base64", "input_reference.image_url"
+        ) from None
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampler settings a request may override; ``None`` keeps the model preset's default."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+
+
+class JobRequest(BaseModel):
+    """What a job runs, stored as ``JobRecord.request`` so a restarted app can run it again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    brief: ProductBrief
+    profile: ShopperProfile | None = None
+    campaign: Campaign | None = None
+    options: GenerationOptions = Field(default_factory=GenerationOptions)
+
+
+# Sentence ends: ASCII ones only before whitespace ("3.5 mm" stays whole); CJK ones and line breaks anywhere.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|[。！？；;\n]+")
+_EDGE_CHARS = " \t\r\n.!?。！？,，、;；:：…"
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def request_to_brief(req: VideoCreateRequest, default_fps: int) -> tuple[ProductBrief, GenerationOptions]:
+    """A plain prompt as a one-product brief: first sentence -> title, later sentences -> selling points.
+
+    The title and selling points are shortened to the brief's limits (with "…") and sentences past
+    ``MAX_SELLING_POINTS`` are not used: the planner needs short texts, and the job keeps the whole prompt.
+    """
+    # 1. Title and selling points from the prompt's sentences.
+    sentences = [piece.strip(_EDGE_CHARS) for piece in _SENTENCE_BREAK.split(req.prompt)]
+    sentences = [sentence for sentence in sentences if sentence]
+    if not sentences:
+        raise APIError.invalid("prompt has no words to make a video from", "prompt")
+    language: Language = "zh" if _CJK.search(req.prompt) else "en"
+
+    # 2. Duration from seconds, or from num_frames at the request's fps.
+    fps = req.fps or default_fps
+    duration_s = _duration_s(req, fps)
+
+    # 3. The reference image is the product photo.
+    images = [] if req.input_reference is None else [_product_image(req.input_reference)]
+
+    brief = ProductBrief(
+        title=_clip(sentences[0], MAX_TITLE_CHARS),
+        selling_points=[_clip(s, MAX_SELLING_POINT_CHARS) for s in sentences[1 : 1 + MAX_SELLING_POINTS]],
+        language=language,
+        duration_s=duration_s,
+        size=req.size,
+        fps=fps,
+        seed=req.seed or 0,
+        images=images,
+    )
+    options = GenerationOptions(
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        negative_prompt=req.negative_prompt,
+    )
+    return brief, options
+
+
+def _duration_s(req: VideoCreateRequest, fps: int) -> float:
+    if req.num_frames is None:
+        return req.seconds if req.seconds is not None else DEFAULT_SECONDS
+    if req.seconds is not None and req.num_frames != round(req.seconds * fps):
+        raise APIError.invalid(
+            f"num_frames {req.num_frames} does not match seconds {req.seconds:g} at {fps} fps: "
+            "give one of them",
+            "num_frames",
+        )
+    duration_s = req.num_frames / fps
+    if not MIN_DURATION_S <= duration_s <= MAX_DURATION_S:
+        raise APIError.invalid(
+            f"num_frames {req.num_frames} at {fps} fps is {duration_s:.2f} s; "
+            f"videos are {MIN_DURATION_S:g} to {MAX_DURATION_S:g} s",
+            "num_frames",
+        )
+    return duration_s
+
+
+def _product_image(raw: bytes) -> ProductImage:
+    try:
+        return ProductImage(data=base64.b64encode(raw).decode("ascii"))
+    except ValidationError as exc:
+        message = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        raise APIError.invalid(f"input_reference: {message}", "input_reference") from None
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, ending on a word boundary when one is near, marked with "…"."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    head, space, _ = cut.rpartition(" ")
+    if space and len(head) >= limit // 2:
+        cut = head
+    return cut.rstrip(_EDGE_CHARS) + "…"
+
+
+class VideoListQuery(BaseModel):
+    """``GET /v1/videos`` query: cursor pagination as the SDK's ``SyncConversationCursorPage`` drives it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: str | None = Field(
+        default=None, pattern=f"^{VIDEO_ID_PATTERN}$", description="last id of the previous page"
+    )
+    limit: int = Field(default=DEFAULT_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT)
+    order: ListOrder = "desc"
+
+    @classmethod
+    def from_query(cls, params: Mapping[str, str]) -> VideoListQuery:
+        try:
+            return cls.model_validate(dict(params))
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+
+
+def content_variant(value: str | None) -> VideoVariant:
+    """``GET /v1/videos/{id}/content?variant=``; the SDK's third variant, "spritesheet", is not made here."""
+    if value is None or value == "video":
+        return "video"
+    if value == "thumbnail":
+        return "thumbnail"
+    raise APIError.invalid(f"variant must be 'video' or 'thumbnail', got {value!r}", "variant")
+
+
+def video_object(record: JobRecord) -> dict[str, Any]:
+    """The job as the SDK's ``Video``: exactly its fields."""
+    return {
+        "id": record.id,
+        "object": "video",
+        "created_at": record.created_at,
+        "status": record.status,
+        "model": record.model,
+        "progress": record.progress,
+        "seconds": record.seconds,
+        "size": record.size,
+        "completed_at": record.completed_at,
+        "expires_at": record.expires_at,
+        "error": None if record.error is None else dict(record.error),
+        "remixed_from_video_id": None,
+        "prompt": record.prompt,
+    }
+
+
+def list_page(records: Sequence[JobRecord], has_more: bool) -> dict[str, Any]:
+    """A list page; the SDK asks for the next page with ``after=last_id`` until ``has_more`` is false."""
+    return {
+        "object": "list",
+        "data": [video_object(record) for record in records],
+        "first_id": records[0].id if records else None,
+        "last_id": records[-1].id if records else None,
+        "has_more": has_more,
+    }
+
+
+def deleted_object(video_id: str) -> dict[str, Any]:
+    """The SDK's ``VideoDeleteResponse``."""
+    return {"id": video_id, "object": "video.deleted", "deleted": True}

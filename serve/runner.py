@@ -1,0 +1,97 @@
+"""Start the serving cluster: embedded single-node Ray, or join an existing cluster by address."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ServeConfig
+
+logger = logging.getLogger("shopreel.serve")
+APP_NAME = "shopreel"
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str
+    embedded: bool  # we started Ray ourselves, so we stop it too
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        if self.embedded:
+            ray.shutdown()
+
+
+def load_config(path: Path | None, **overrides: Any) -> ServeConfig:
+    """A ServeConfig from a YAML/JSON file (its top level, or its Serve ``applications[0].args``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if "applications" in data:  # a Serve config file: take our app's args
+            data = data["applications"][0].get("args") or {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = value
+    return ServeConfig.model_validate(data)
+
+
+def start(
+    config: ServeConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ready_timeout_s: float = 600.0,
+) -> RunningServer:
+    """Deploy the app and wait until ``/readyz`` answers 200. ``address=None`` starts Ray here."""
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    embedded = address is None
+    if embedded:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    else:
+        ray.init(address=address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    wait_ready(url, ready_timeout_s)
+    return RunningServer(url=url, embedded=embedded)
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} was not ready after {timeout_s:.0f} s")
+        time.sleep(0.5)

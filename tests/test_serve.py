@@ -1,0 +1,235 @@
+"""Integration: a real Ray Serve app on localhost (tiny preset, fractional CPUs), driven over HTTP.
+
+One app for the module (starting Ray and five deployments costs ~30 s on 2 cores). Its job queue
+is small on purpose so the queue-full answer can be reached.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from media import probe
+from PIL import Image
+
+pytestmark = pytest.mark.serve
+
+MODEL = "shopreel-tiny"
+FOUR_SHOT_BRIEF = {
+    "title": "Thermo Mug",
+    "category": "drinkware",
+    "selling_points": ["Keeps coffee hot for 6 hours", "Leak-proof lid"],
+    "price": 89,
+    "currency": "CNY",
+    "language": "en",
+    "duration_s": 4,
+    "size": "64x64",
+    "fps": 8,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from shopreel.serve.runner import load_config, start
+
+    config = load_config(
+        None,
+        **{
+            "jobs.data_dir": str(tmp_path_factory.mktemp("serve-data")),
+            "jobs.concurrency": 1,
+            "jobs.max_pending": 2,
+            "jobs.max_streams": 2,
+            "pipeline.generate.num_inference_steps": 2,
+        },
+    )
+    running = start(config, port=_free_port(), ready_timeout_s=300)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _wait_idle(http: httpx.Client, timeout_s: float = 120) -> None:
+    """Let queued jobs of an earlier test finish so each test sees an empty queue."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        videos = http.get("/v1/videos", params={"limit": 100}).json()["data"]
+        if all(v["status"] in ("completed", "failed") for v in videos):
+            return
+        time.sleep(0.5)
+    raise AssertionError("jobs did not finish")
+
+
+def test_health_models_and_readiness(http):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").status_code == 200
+    models = http.get("/v1/models").json()
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["preset"] == "tiny"
+
+
+def test_openai_sdk_create_poll_download_list_delete(openai_client, tmp_path):
+    import openai
+
+    video = openai_client.videos.create_and_poll(
+        model=MODEL,
+        prompt="A steel water bottle. Keeps drinks cold all day.",
+        seconds="4",
+        size="64x64",
+        poll_interval_ms=200,
+    )
+    assert video.status == "completed" and video.progress == 100, video
+    assert video.size == "64x64" and video.model == MODEL
+    content = openai_client.videos.download_content(video.id)
+    (tmp_path / "v.mp4").write_bytes(content.read())
+    probed = probe(tmp_path / "v.mp4")
+    assert (probed.width, probed.height) == (64, 64) and probed.audio_streams == 1
+    assert probed.duration_s == pytest.approx(float(video.seconds), abs=0.15)
+    thumbnail = openai_client.videos.download_content(video.id, variant="thumbnail").read()
+    assert thumbnail[:3] == b"\xff\xd8\xff"
+
+    listed = [v.id for v in openai_client.videos.list(limit=2, order="desc")]  # auto-paginates
+    assert video.id in listed
+    deleted = openai_client.videos.delete(video.id)
+    assert deleted.deleted and deleted.id == video.id
+    with pytest.raises(openai.NotFoundError):
+        openai_client.videos.retrieve(video.id)
+
+
+def test_multipart_with_input_reference_image(openai_client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (0, 180, 0)).save(buffer, format="PNG")
+    video = openai_client.videos.create_and_poll(
+        model=MODEL,
+        prompt="红色保温杯。一整天都保温。",
+        seconds="2",
+        size="64x64",
+        input_reference=("mug.png", buffer.getvalue(), "image/png"),
+        poll_interval_ms=200,
+    )
+    assert video.status == "completed", video.error
+
+
+def test_sync_endpoint_returns_the_mp4(http, tmp_path):
+    response = http.post(
+        "/v1/videos/sync",
+        json={"prompt": "A desk lamp. Warm light.", "seconds": 2, "size": "64x64", "fps": 8},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+    (tmp_path / "sync.mp4").write_bytes(response.content)
+    record = http.get(f"/v1/videos/{response.headers['x-shopreel-video-id']}").json()
+    assert probe(tmp_path / "sync.mp4").frames == record["shopreel"]["num_frames"]
+
+
+def test_streaming_product_video_overlaps_generation(http, tmp_path):
+    """Fragments reach the client while later shots are still being denoised."""
+    arrivals: list[float] = []
+    data = bytearray()
+    with http.stream(
+        "POST", "/v1/product-videos", json={"brief": FOUR_SHOT_BRIEF, "stream": True}
+    ) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+        video_id = response.headers["x-shopreel-video-id"]
+        for chunk in response.iter_bytes():
+            arrivals.append(time.time())
+            data.extend(chunk)
+    (tmp_path / "stream.mp4").write_bytes(data)
+    record = http.get(f"/v1/videos/{video_id}").json()
+    assert record["status"] == "completed"
+    assert probe(tmp_path / "stream.mp4").frames == record["shopreel"]["num_frames"] == 9 * 4 - 3 * 2
+    timings = record["shopreel"]["timings"]
+    # Stage clocks: the compositor's first fragment left before the generator finished the 4th shot.
+    assert timings["first_fragment_at"] < timings["last_shot_denoised_at"], timings
+    assert len(arrivals) > 1 and arrivals[0] < arrivals[-1]
+    # The streamed video is also kept for download.
+    assert http.get(f"/v1/videos/{video_id}/content").content[:12] != b""
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": "x" * 2001}, 400, "prompt"),
+        ({"prompt": "mug", "size": "100x100"}, 400, "size"),
+        ({"prompt": "mug", "seconds": 120}, 400, "seconds"),
+        ({"prompt": "mug", "num_inference_steps": 0}, 400, "num_inference_steps"),
+        ({"prompt": "mug", "surprise": 1}, 400, "surprise"),
+        ({"prompt": "mug", "model": "sora-2"}, 404, "model"),
+    ],
+)
+def test_bad_video_requests_get_openai_errors(http, body, status, param):
+    response = http.post("/v1/videos", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_bad_bodies_and_ids(http):
+    assert (
+        http.post(
+            "/v1/videos", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 400
+    )
+    big = {"prompt": "mug", "input_reference": "A" * (17 * 1024 * 1024)}
+    assert http.post("/v1/videos", content=json.dumps(big)).status_code == 413
+    assert http.get("/v1/videos/video_" + "0" * 32).status_code == 404
+    assert http.get("/v1/videos/../../etc/passwd").status_code == 404
+    assert http.get("/v1/videos", params={"limit": 0}).status_code == 400
+    bad_brief = http.post("/v1/product-videos", json={"brief": {**FOUR_SHOT_BRIEF, "price": -1}})
+    assert bad_brief.status_code == 400 and bad_brief.json()["error"]["param"] == "brief.price"
+
+
+def test_full_queue_answers_429_with_retry_after(http):
+    _wait_idle(http)
+    accepted, refused = [], None
+    for _ in range(6):
+        response = http.post(
+            "/v1/videos", json={"prompt": "A mug. Hot coffee.", "seconds": 4, "size": "64x64"}
+        )
+        if response.status_code == 429:
+            refused = response
+            break
+        assert response.status_code == 200, response.text
+        accepted.append(response.json()["id"])
+    assert refused is not None, "queue never filled"
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
+    # Deleting queued jobs frees the queue; nothing that was accepted is silently dropped before that.
+    for video_id in accepted:
+        assert http.get(f"/v1/videos/{video_id}").json()["status"] in ("queued", "in_progress", "completed")
+        assert http.delete(f"/v1/videos/{video_id}").json()["deleted"]
+
+
+def test_metrics_expose_the_named_series(http):
+    http.post("/v1/videos/sync", json={"prompt": "A pen.", "seconds": 2, "size": "64x64", "fps": 8})
+    text = http.get("/metrics").text
+    for series in (
+        "shopreel_stage_latency_seconds_bucket",
+        "shopreel_time_to_first_fragment_seconds_count",
+        "shopreel_queue_depth",
+        "shopreel_in_flight_requests",
+        "shopreel_frames_rendered_total",
+        "shopreel_errors_total",
+    ):
+        assert series in text, series
+    assert 'stage="render"' in text

@@ -1,0 +1,93 @@
+"""Serving pieces without a cluster: config -> deployment options, renderer cache recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from shopreel.pipelines.types import LatentChunk
+from shopreel.serve.config import AutoscalingSettings, DeploymentSettings, ServeConfig
+from shopreel.serve.deployments import NeedHistory, RendererDeployment
+
+
+def test_deployment_options_fixed_and_autoscaled():
+    fixed = DeploymentSettings(
+        num_replicas=3, num_cpus=0.5, resources={"render_pool": 1}
+    ).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"render_pool": 1}}
+    scaled = DeploymentSettings(
+        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=4)
+    ).deployment_options()
+    assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValidationError, match="min_replicas"):
+        AutoscalingSettings(min_replicas=5, max_replicas=2)
+    with pytest.raises(ValidationError):
+        ServeConfig.model_validate({"renderer": {"num_cpus": -1}})
+    with pytest.raises(ValidationError):
+        ServeConfig.model_validate({"rendrer": {}})  # typo: unknown key
+
+
+def _chunks(latents: np.ndarray, request_id: str = "r") -> list[LatentChunk]:
+    total = latents.shape[2]
+    return [
+        LatentChunk(
+            request_id,
+            0,
+            index,
+            start,
+            min(start + 2, total),
+            latents[:, :, start : start + 2],
+            is_last=start + 2 >= total,
+            is_last_shot=True,
+        )
+        for index, start in enumerate(range(0, total, 2))
+    ]
+
+
+def test_renderer_without_the_shot_cache_asks_for_history_and_rebuilds_it():
+    """A chunk routed to another replica still decodes to exactly the same frames."""
+    config = ServeConfig(warmup=False)
+    first_replica = RendererDeployment.func_or_class(config)
+    second_replica = RendererDeployment.func_or_class(config)
+    z_dim = first_replica.renderer.backend.vae.config.z_dim
+    latents = np.random.default_rng(0).standard_normal((1, z_dim, 6, 8, 8)).astype(np.float32)
+    chunks = _chunks(latents)
+
+    async def scenario():
+        reference = [await first_replica.render(chunk) for chunk in _chunks(latents, "ref")]
+        await first_replica.render(chunks[0])
+        missing = await second_replica.render(chunks[1])
+        assert missing == NeedHistory(next_latent=0)
+        rebuilt = await second_replica.render(chunks[1], latents[:, :, :2])
+        wrong_history = await second_replica.render(replace(chunks[2], latent_start=2), latents[:, :, :1])
+        return reference, rebuilt, wrong_history
+
+    reference, rebuilt, wrong_history = asyncio.run(scenario())
+    np.testing.assert_array_equal(rebuilt.frames, reference[1].frames)
+    assert (rebuilt.frame_start, rebuilt.frame_end) == (reference[1].frame_start, reference[1].frame_end)
+    assert isinstance(wrong_history, NeedHistory)  # a history of the wrong length is not trusted
+
+
+def test_serve_config_files_build_the_app():
+    """deploy/serve.yaml and the KubeRay manifest's serveConfigV2 hold valid ServeConfig args."""
+    from pathlib import Path
+
+    import yaml
+    from shopreel.serve.app import app_builder
+    from shopreel.serve.runner import load_config
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    serve_file = yaml.safe_load((deploy / "serve.yaml").read_text())
+    assert serve_file["applications"][0]["import_path"] == "shopreel.serve.app:app_builder"
+    app_builder(serve_file["applications"][0]["args"])  # builds the bound graph; starts nothing
+    assert load_config(deploy / "serve.yaml").renderer.autoscaling is not None
+    manifest = yaml.safe_load((deploy / "kuberay" / "rayservice.yaml").read_text())
+    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert ServeConfig.model_validate(args).generator.num_gpus == 1
