@@ -316,6 +316,68 @@ def serve(
         server.stop()
 
 
+@app.command()
+def remote(
+    brief: Annotated[Path, typer.Argument(help="product brief JSON")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="MP4 to write")] = Path("out.mp4"),
+    url: Annotated[str, typer.Option(help="a running `shopreel serve`")] = "http://127.0.0.1:8000",
+    profile: Annotated[Path | None, typer.Option(help="shopper profile JSON")] = None,
+    campaign: Annotated[Path | None, typer.Option(help="campaign JSON (e.g. 11.11)")] = None,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the server to become ready")] = 0.0,
+) -> None:
+    """Make a product video on a running server: streams fMP4 from POST /v1/product-videos to a file."""
+    import time
+
+    import httpx
+
+    try:
+        body: dict[str, Any] = {"brief": _inline_image_paths(_read_json(brief, "brief"), brief.parent)}
+        if profile is not None:
+            body["profile"] = _read_json(profile, "profile")
+        if campaign is not None:
+            body["campaign"] = _read_json(campaign, "campaign")
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    deadline = time.monotonic() + wait
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=900.0)) as client:
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise _fail(f"no shopreel server at {url}: {exc}") from None
+            if time.monotonic() >= deadline:
+                raise _fail(f"{url} is not ready")
+            time.sleep(0.5)
+        started = time.perf_counter()
+        first_byte: float | None = None
+        temp = output.with_name(f".{output.name}.part")
+        with client.stream("POST", "/v1/product-videos", json={**body, "stream": True}) as response:
+            if response.status_code != 200:
+                response.read()
+                message = response.json().get("error", {}).get("message", response.text)
+                raise _fail(f"server refused the brief ({response.status_code}): {message}")
+            video_id = response.headers.get("x-shopreel-video-id", "?")
+            with temp.open("wb") as file:
+                for chunk in response.iter_bytes():
+                    if first_byte is None:
+                        first_byte = time.perf_counter() - started
+                    file.write(chunk)
+        total = time.perf_counter() - started
+        record = client.get(f"/v1/videos/{video_id}").json()
+    if record.get("status") != "completed":
+        temp.unlink(missing_ok=True)
+        raise _fail(f"video {video_id} {record.get('status')}: {record.get('error')}")
+    temp.replace(output)
+    typer.echo(
+        f"wrote {output} ({record['shopreel']['num_frames']} frames, "
+        f"{record['seconds']} s, {record['size']}) "
+        f"from {url}: first bytes after {first_byte or 0:.2f} s, done after {total:.2f} s; "
+        f"download again: GET {url}/v1/videos/{video_id}/content"
+    )
+
+
 @app.command("export-tiny")
 def export_tiny(directory: Annotated[Path, typer.Argument(help="directory to write")]) -> None:
     """Write the tiny preset as a diffusers checkpoint directory (exercises --preset PATH offline)."""

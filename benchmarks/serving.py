@@ -53,11 +53,16 @@ def stream_once(client: Any, brief: dict[str, Any]) -> tuple[float, float, int]:
     size = 0
     with client.stream("POST", "/v1/product-videos", json={"brief": brief, "stream": True}) as response:
         response.raise_for_status()
+        video_id = response.headers["x-shopreel-video-id"]
         for chunk in response.iter_bytes():
             if first is None:
                 first = time.perf_counter() - started
             size += len(chunk)
-    return first or 0.0, time.perf_counter() - started, size
+    total = time.perf_counter() - started
+    record = client.get(f"/v1/videos/{video_id}").json()
+    if record["status"] != "completed":  # a benchmark of failures would be worthless: stop
+        raise RuntimeError(f"video {video_id} did not complete: {record}")
+    return first or 0.0, total, size
 
 
 def throughput(url: str, brief: dict[str, Any], concurrency: int, videos: int) -> dict[str, float]:

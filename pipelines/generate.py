@@ -8,6 +8,7 @@ the causal renderer can decode piece 0 while the next shot is still denoising.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,6 +101,14 @@ class LatentGenerator:
                 on_step=on_step,
             )
 
+    def _pipe_for_one_call(self):  # -> the diffusers pipeline, isolated for one call
+        # A diffusers pipeline keeps per-call state on itself and on its scheduler (timesteps, step
+        # index, guidance), so two threads calling one pipeline corrupt each other. A shallow copy with
+        # its own scheduler shares the weights (read-only at inference) and isolates that state.
+        pipe = copy.copy(self.model.pipe)
+        pipe.scheduler = copy.deepcopy(self.model.pipe.scheduler)
+        return pipe
+
     @torch.inference_mode()
     def generate_shot(
         self,
@@ -112,7 +121,7 @@ class LatentGenerator:
         on_step: StepCallback | None = None,
     ) -> Iterator[LatentChunk]:
         settings = self.settings(num_inference_steps, guidance_scale)
-        pipe = self.model.pipe
+        pipe = self._pipe_for_one_call()
 
         # 1. Progress reporting from inside diffusers' denoising loop.
         def step_end(_pipe, step: int, _timestep, callback_kwargs):

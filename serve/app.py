@@ -339,11 +339,19 @@ class Ingress:
             record, storyboard, job_request, listener=listener, kind="stream", audio=body.audio
         )
 
+        # Headers wait for the first fragment, so a video that fails before any byte gets a real error
+        # status; a failure after that aborts the response (no final chunk), which clients see as one.
+        first = await listener.get()
+        if first is None or isinstance(first, BaseException):
+            raise _failure_error(self._record(record.id))
+        first_fragment: bytes = first
+
         async def fragments() -> AsyncIterator[bytes]:
             # If the client goes away the production goes on: the video stays downloadable by id.
+            yield first_fragment
             while (item := await listener.get()) is not None:
                 if isinstance(item, BaseException):
-                    return  # the stream ends short; the job record says why
+                    raise RuntimeError(f"video {record.id} failed while streaming") from item
                 yield item
 
         return StreamingResponse(

@@ -102,3 +102,10 @@ def test_generate_example_writes_the_planned_video(tmp_path):
     assert video.audio_duration_s == pytest.approx(storyboard.duration_s, abs=0.05)
     assert thumb.read_bytes()[:3] == b"\xff\xd8\xff"
     assert "noise-like" in done.stderr  # the tiny preset says its pictures are untrained
+
+
+def test_remote_without_a_server_is_a_clear_error(tmp_path):
+    brief = tmp_path / "brief.json"
+    brief.write_text('{"title": "Mug"}')
+    result = runner.invoke(app, ["remote", str(brief), "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "no shopreel server at http://127.0.0.1:9" in result.output

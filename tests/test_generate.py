@@ -52,3 +52,26 @@ def test_check_inputs_rejects_what_the_model_cannot_make(tiny_model):
     storyboard = make_storyboard(shot_frames=(9,))
     with pytest.raises(ValueError, match="num_inference_steps"):
         generator.check_inputs(storyboard, num_inference_steps=0)
+
+
+def test_concurrent_requests_on_one_generator_match_sequential(tiny_model):
+    """Serving replicas run several requests at once in threads; the scheduler state must not leak."""
+    import threading
+
+    generator = LatentGenerator(tiny_model)
+    storyboard = make_storyboard(shot_frames=(9, 13), width=64, height=64)
+
+    def latents(request_id):
+        chunks = generator.generate(storyboard, request_id=request_id, num_inference_steps=3)
+        return torch.cat([chunk.latents for chunk in chunks], dim=2)
+
+    reference = latents("sequential")
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.update({i: latents(f"r{i}")})) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3
+    for result in results.values():
+        assert torch.equal(result, reference)

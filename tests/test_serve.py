@@ -233,3 +233,47 @@ def test_metrics_expose_the_named_series(http):
     ):
         assert series in text, series
     assert 'stage="render"' in text
+
+
+def test_cli_remote_streams_a_brief_from_disk(server, tmp_path):
+    """`shopreel remote` (the quick start's client) inlines image paths and writes the streamed MP4."""
+    import shutil
+    from pathlib import Path
+
+    from shopreel.cli import app
+    from typer.testing import CliRunner
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    shutil.copy(examples / "sneaker.png", tmp_path / "sneaker.png")
+    brief = json.loads((examples / "brief_en.json").read_text())
+    (tmp_path / "brief.json").write_text(json.dumps({**brief, "duration_s": 2, "size": "64x64", "fps": 8}))
+    out = tmp_path / "remote.mp4"
+    result = CliRunner().invoke(
+        app, ["remote", str(tmp_path / "brief.json"), "-o", str(out), "--url", server.url]
+    )
+    assert result.exit_code == 0, result.output
+    assert probe(out).frames == 16 and "first bytes after" in result.output
+
+
+def test_concurrent_streams_both_complete(server, tmp_path):
+    """Two videos at once share generator and renderer replicas without mixing their state."""
+    import threading
+
+    sizes: dict[int, bytes] = {}
+
+    def stream(index: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            body = {"brief": {**FOUR_SHOT_BRIEF, "seed": index}, "stream": True}
+            with client.stream("POST", "/v1/product-videos", json=body) as response:
+                assert response.status_code == 200
+                sizes[index] = response.read()
+
+    threads = [threading.Thread(target=stream, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(sizes) == {0, 1}
+    for index, data in sizes.items():
+        (tmp_path / f"{index}.mp4").write_bytes(data)
+        assert probe(tmp_path / f"{index}.mp4").frames == 9 * 4 - 3 * 2
