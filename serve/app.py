@@ -550,7 +550,7 @@ class Ingress:
                         expires_at=now + self.config.jobs.video_ttl_s,
                         timings=timings,
                     )
-                    self.metrics.observe_video(timings, event.num_frames)
+                    self.metrics.observe_video(timings, event.compose.num_frames)
         except asyncio.CancelledError:
             self.metrics.videos.labels(outcome="cancelled").inc()
             raise

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from shopreel.pipelines.compose import Compositor
+from shopreel.pipelines.compose import ComposeResult, Compositor
 from shopreel.pipelines.generate import LatentGenerator
 from shopreel.pipelines.presets import load_model, load_vae, resolve_preset
 from shopreel.pipelines.render import StreamingRenderer
@@ -114,17 +114,11 @@ class Fragment:
 class Produced:
     """The end of a production: the download files and what each stage spent."""
 
-    num_frames: int
-    duration_s: float
-    fps: int
-    width: int
-    height: int
-    has_audio: bool
+    compose: ComposeResult  # its paths are on the compositor's node: the bytes below are what travel
     mp4: bytes
     thumbnail: bytes
     timings: dict[str, float]
     shot_denoised_at: list[float]  # wall clock (time.time) when each shot's latents were ready
-    fragment_bytes: int
 
 
 def _set_torch_threads(config: ServeConfig) -> None:
@@ -433,17 +427,11 @@ class CompositorDeployment:
                 yield Fragment(data)
             timings["compose_s"] = result.encode_s
             yield Produced(
-                num_frames=result.num_frames,
-                duration_s=result.duration_s,
-                fps=result.fps,
-                width=result.width,
-                height=result.height,
-                has_audio=result.has_audio,
+                compose=result,
                 mp4=mp4_path.read_bytes(),
                 thumbnail=thumbnail_path.read_bytes() if result.thumbnail_path else b"",
                 timings=timings,
                 shot_denoised_at=shot_denoised_at,
-                fragment_bytes=result.fragment_bytes,
             )
         finally:
             feeder.cancel()
