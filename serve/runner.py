@@ -22,6 +22,17 @@ APP_NAME = "shopreel"
 class RunningServer:
     url: str
     embedded: bool  # we started Ray ourselves, so we stop it too
+    config: ServeConfig
+
+    def restart_app(self, ready_timeout_s: float = 600.0) -> None:
+        """Tear the application down and deploy it again (Ray stays up): what a crash or upgrade does."""
+        from ray import serve
+
+        from .app import build_app
+
+        serve.delete(APP_NAME)
+        serve.run(build_app(self.config), name=APP_NAME, route_prefix="/", blocking=False)
+        wait_ready(self.url, ready_timeout_s)
 
     def stop(self) -> None:
         import ray
@@ -80,7 +91,7 @@ def start(
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_ready(url, ready_timeout_s)
-    return RunningServer(url=url, embedded=embedded)
+    return RunningServer(url=url, embedded=embedded, config=config)
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

@@ -277,3 +277,33 @@ def test_concurrent_streams_both_complete(server, tmp_path):
     for index, data in sizes.items():
         (tmp_path / f"{index}.mp4").write_bytes(data)
         assert probe(tmp_path / f"{index}.mp4").frames == 9 * 4 - 3 * 2
+
+
+def test_accepted_jobs_survive_an_app_restart(server, http):
+    """Jobs accepted before the app goes down are produced by the next one (SQLite job store)."""
+    _wait_idle(http)
+    ids = []
+    for index in range(2):
+        body = {
+            "prompt": f"A notebook, model {index}. Dotted pages.",
+            "seconds": 2,
+            "size": "64x64",
+            "fps": 8,
+        }
+        response = http.post("/v1/videos", json=body)
+        assert response.status_code == 200, response.text
+        ids.append(response.json()["id"])
+    before = [http.get(f"/v1/videos/{video_id}").json()["status"] for video_id in ids]
+    assert before.count("queued") >= 1, before  # the restart really interrupts accepted work
+    server.restart_app(ready_timeout_s=300)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        statuses = [http.get(f"/v1/videos/{video_id}").json()["status"] for video_id in ids]
+        if all(status == "completed" for status in statuses):
+            break
+        assert "failed" not in statuses
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"jobs not completed after the restart: {statuses}")
+    for video_id in ids:
+        assert http.get(f"/v1/videos/{video_id}/content").status_code == 200
