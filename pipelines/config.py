@@ -75,6 +75,10 @@ class ComposeConfig(_Config):
     font_path: Path | None = Field(
         default=None, description="TrueType/OpenType font; None: bundled Noto Sans CJK (zh + en)"
     )
+    pixel_conversion: Literal["encoder", "kernel"] = Field(
+        default="encoder",
+        description="RGB -> yuv420p by FFmpeg's swscale, or by kernels.yuv420 (same bytes; slower on CPU)",
+    )
 
 
 class PipelineConfig(_Config):

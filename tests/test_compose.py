@@ -200,3 +200,18 @@ def test_streamed_bytes_play_from_a_pipe(tmp_path):
     stream = io.BytesIO(b"".join(b for push in pushes for b in push) + b"".join(tail))
     with av.open(stream, format="mp4") as container:
         assert sum(1 for _ in container.decode(video=0)) == 18
+
+
+def test_kernel_pixel_conversion_writes_the_same_video(tmp_path):
+    """kernels.yuv420 reproduces swscale exactly, so the encoder's output bytes do not change."""
+    storyboard = make_storyboard(shot_frames=(9, 13), width=96, height=64, crossfade=4)
+    outputs = []
+    for conversion in ("encoder", "kernel"):
+        session = Compositor(ComposeConfig(pixel_conversion=conversion)).open(
+            storyboard, request_id="r1", audio="none"
+        )
+        for chunk in frame_chunks(storyboard, colours=[(200, 40, 90), (10, 150, 240)]):
+            session.push(chunk)
+        session.finish(tmp_path / f"{conversion}.mp4")
+        outputs.append(decode_frames(tmp_path / f"{conversion}.mp4"))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
