@@ -96,3 +96,21 @@ def test_postprocess_reference_matches_diffusers_video_processor():
     video = torch.rand(1, 3, 4, 8, 8) * 2.2 - 1.1
     expected = VideoProcessor().postprocess_video(video, output_type="np")
     assert np.array_equal(to_uint8_frames(video), (expected[0] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streaming_decode_equals_full_decode_on_cuda():
+    from shopreel.pipelines.config import ModelConfig
+    from shopreel.pipelines.presets import load_model
+
+    model = load_model(ModelConfig(device="cuda", dtype="float32"))
+    latents = _latents(model, latent_frames=5).to("cuda")
+    vae = model.vae
+    mean = torch.tensor(vae.config.latents_mean, device="cuda").view(1, 16, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device="cuda").view(1, 16, 1, 1, 1)
+    with torch.inference_mode():
+        full = to_uint8_frames(vae.decode(latents / inv_std + mean, return_dict=False)[0])
+    streamed = _stream(StreamingRenderer(vae, torch.device("cuda")), latents, chunk=2)
+    assert streamed.shape == full.shape
+    assert np.abs(streamed.astype(int) - full.astype(int)).max() <= 1  # cuDNN may pick other kernels
