@@ -8,6 +8,7 @@ never shows a traceback.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import sys
@@ -102,10 +103,12 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
     planner: Annotated[str, typer.Option(help="template or llm")] = "template",
     llm_path: Annotated[Path | None, typer.Option(help="local causal-LM directory for --planner llm")] = None,
+    renderer: Annotated[str, typer.Option(help="decoder: auto, torch, onnxruntime, tensorrt")] = "auto",
+    renderer_precision: Annotated[str, typer.Option(help="decoder precision: fp32, int8")] = "fp32",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Make a product video from a brief, in this process (no cluster needed)."""
-    from .pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, PlannerConfig
+    from .pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, PlannerConfig, RenderConfig
     from .pipelines.types import Campaign, ProductBrief, ShopperProfile, describe_validation_error
 
     try:
@@ -127,6 +130,7 @@ def generate(
                 model=ModelConfig(preset=preset, device=device, dtype=dtype),  # type: ignore[arg-type]
                 generate=GenerateConfig(num_inference_steps=steps),
                 planner=PlannerConfig(kind=planner, llm_path=llm_path),  # type: ignore[arg-type]
+                render=RenderConfig(backend=renderer, precision=renderer_precision),  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             raise UserError("invalid option: " + "; ".join(describe_validation_error(exc))) from exc
@@ -148,6 +152,19 @@ def generate(
     # 3. Run with a progress bar (denoising steps and composed frames).
     result = _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio_source, quiet)
     _print_result(result, output, thumbnail)
+    _print_renderer(pipeline.renderer.describe())
+
+
+def _print_renderer(described: dict[str, Any]) -> None:
+    line = f"renderer: {described['backend']} {described['precision']} on {described['device']}"
+    if described["requested"] != described["backend"]:
+        line += f" (asked for {described['requested']})"
+    graphs = dict(described.get("graphs_by_latent_size") or {})
+    fallbacks = [size for size, graph in graphs.items() if graph == "torch"]
+    if described.get("fallback_reason"):
+        where = f" for latent size {', '.join(fallbacks)}" if fallbacks else ""
+        line += f"; torch{where} because {described['fallback_reason']}"
+    console.print(line, highlight=False)
 
 
 def _print_storyboard(storyboard: Any, preset: Any) -> None:
@@ -264,6 +281,82 @@ def presets() -> None:
         "PATH", "832x480", "16", "30", "a local Wan 2.1 T2V checkpoint directory (diffusers format)"
     )
     Console().print(table)
+
+
+EXAMPLE_BRIEFS = ("brief_en.json", "brief_zh.json")
+EXIT_REFUSED = 1
+
+
+@app.command()
+def quantize(
+    briefs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="briefs to calibrate on (default: bundled examples)"),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="preset name or local diffusers checkpoint directory")] = "tiny",
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (default: the preset's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the preset's)")] = None,
+    seeds: Annotated[int, typer.Option(min=1, max=16, help="calibration seeds per brief")] = 2,
+    min_psnr: Annotated[float, typer.Option(help="fidelity floor vs fp32 torch, in dB")] = 35.0,
+    cache_dir: Annotated[Path | None, typer.Option(help="where renderers look for graphs")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "cpu",
+) -> None:
+    """Calibrate a static INT8 renderer on generator latents; keep it only if it meets the floor.
+
+    Exit code 0: accepted (serve with renderer precision int8 and the same cache dir); 1: refused.
+    """
+    from .pipelines.config import ModelConfig, RenderConfig
+    from .pipelines.types import ProductBrief, VideoSize
+
+    try:
+        paths = briefs or [Path(__file__).resolve().parent / "examples" / name for name in EXAMPLE_BRIEFS]
+        loaded = [_load_model(ProductBrief, path, "brief") for path in paths]
+        try:
+            video_size = VideoSize.model_validate(size) if size else None
+            model_config = ModelConfig(preset=preset, device=device, dtype="float32")  # type: ignore[arg-type]
+            render_config = RenderConfig(min_psnr_db=min_psnr, cache_dir=cache_dir)
+        except ValidationError as exc:
+            raise UserError(f"invalid option: {exc.errors()[0]['msg']}") from exc
+        from .pipelines.presets import load_model
+
+        try:
+            model = load_model(model_config)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+
+    from .pipelines.calibrate import calibration_set
+    from .pipelines.render_onnx import quantize_int8
+
+    video_size = video_size or model.preset.default_size
+    console.print(f"calibrating on {len(loaded)} briefs x {seeds} seeds at {video_size} ...", highlight=False)
+    data = calibration_set(
+        model, loaded, size=video_size, calibration_seeds=range(1, seeds + 1), num_inference_steps=steps
+    )
+    report = quantize_int8(
+        model.vae,
+        model.device,
+        data.calibration,
+        data.held_out,
+        cache_dir=render_config.cache_dir,
+        min_psnr_db=render_config.min_psnr_db,
+    )
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+    if not report.accepted:
+        console.print(
+            f"[yellow]refused:[/] INT8 reaches {report.psnr_db} dB on held-out latents, below the "
+            f"{report.min_psnr_db} dB floor; renderers keep fp32",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_REFUSED)
+    console.print(f"accepted: {report.psnr_db} dB; renderer precision int8 will load {report.model_path}")
+    if report.speedup_vs_fp32 is not None and report.speedup_vs_fp32 < 1.0:
+        console.print(
+            f"[yellow]note:[/] INT8 decodes at {report.speedup_vs_fp32}x the speed of fp32 on this machine: "
+            "keep renderer precision fp32 here",
+            highlight=False,
+        )
 
 
 @app.command()

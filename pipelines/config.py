@@ -48,7 +48,21 @@ class GenerateConfig(_Config):
 
 
 class RenderConfig(_Config):
-    backend: Literal["torch"] = Field(default="torch", description="decoder backend (see render.BACKENDS)")
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
+        default="auto", description="decoder backend; auto: onnxruntime when it imports and passes its check"
+    )
+    precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field(
+        default="fp32", description="decoder precision (int8 needs a calibrated model: shopreel quantize)"
+    )
+    torch_compile: bool = Field(
+        default=False, description="torch backend: torch.compile the decoder (first frames pay compile time)"
+    )
+    min_psnr_db: float = Field(
+        default=35.0, ge=10.0, le=100.0, description="fidelity floor vs the fp32 torch reference"
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="exported graphs; None: $SHOPREEL_CACHE_DIR/onnx or ~/.cache/shopreel/onnx"
+    )
 
 
 class PlannerConfig(_Config):

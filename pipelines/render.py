@@ -34,9 +34,16 @@ class DecoderBackend(Protocol):
 
     def new_state(self) -> object: ...
 
+    def describe(self) -> dict[str, object]:
+        """What runs: backend, precision, device, and why an automatic choice fell back, if it did."""
+        ...
+
     def decode(self, state: object, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``[1, C, t, h, w]`` -> video ``[1, 3, T, H, W]`` in [-1, 1]."""
         ...
+
+
+_PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -50,10 +57,14 @@ class TorchDecoderBackend:
 
     name = "torch"
 
-    def __init__(self, vae, device: torch.device) -> None:
+    def __init__(self, vae, device: torch.device, *, compile: bool = False) -> None:
         self.vae = vae
         self.device = device
         self.dtype = next(vae.parameters()).dtype
+        self.compiled = compile
+        # torch.compile traces the per-frame decoder call; the cache list it mutates is replayed by
+        # dynamo, and frames 0, 1 and 2+ (empty cache, "Rep" marker, steady state) get their own graphs.
+        self._decoder = torch.compile(vae.decoder, dynamic=False) if compile else vae.decoder
         # Normalised latents (what the pipeline returns) -> the VAE's latent space, written exactly as
         # WanPipeline does (divide by 1/std) so frames match a full pipeline decode bit for bit.
         shape = (1, vae.config.z_dim, 1, 1, 1)
@@ -62,6 +73,16 @@ class TorchDecoderBackend:
             shape
         )
         self._num_convs = vae._cached_conv_counts["decoder"]
+        self.fallback_reason: str | None = None  # why "auto" chose torch, if it did
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": self.name,
+            "precision": _PRECISION_NAMES.get(self.dtype, str(self.dtype)),
+            "torch_compile": self.compiled,
+            "device": str(self.device),
+            "fallback_reason": self.fallback_reason,
+        }
 
     def new_state(self) -> _TorchDecodeState:
         return _TorchDecodeState(feat_cache=[None] * self._num_convs)
@@ -76,7 +97,7 @@ class TorchDecoderBackend:
         outputs = []
         for i in range(x.shape[2]):
             outputs.append(
-                self.vae.decoder(
+                self._decoder(
                     x[:, :, i : i + 1],
                     feat_cache=state.feat_cache,
                     feat_idx=[0],
@@ -92,14 +113,63 @@ class TorchDecoderBackend:
         return out.clamp(-1.0, 1.0)
 
 
-BackendFactory = Callable[[object, torch.device], DecoderBackend]
-BACKENDS: dict[str, BackendFactory] = {"torch": TorchDecoderBackend}
+BackendFactory = Callable[[object, torch.device, RenderConfig], DecoderBackend]
 
 
-def build_backend(name: str, vae, device: torch.device) -> DecoderBackend:
+def _torch_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBackend:
+    if config.precision != "fp32":
+        raise ValueError(
+            "the torch renderer decodes in the VAE's own dtype: set model.vae_dtype (float32, bfloat16, "
+            f"float16) instead of renderer precision {config.precision!r}"
+        )
+    return TorchDecoderBackend(vae, device, compile=config.torch_compile)
+
+
+def _onnxruntime_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBackend:
+    from .render_onnx import OnnxDecoderBackend
+
+    return OnnxDecoderBackend(
+        vae, device, precision=config.precision, cache_dir=config.cache_dir, min_psnr_db=config.min_psnr_db
+    )
+
+
+def _tensorrt_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBackend:
+    from .render_tensorrt import TensorRTDecoderBackend
+
+    return TensorRTDecoderBackend(vae, device, precision=config.precision, cache_dir=config.cache_dir)
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "torch": _torch_backend,
+    "onnxruntime": _onnxruntime_backend,
+    "tensorrt": _tensorrt_backend,
+}
+
+
+def build_backend(name: str, vae, device: torch.device, config: RenderConfig | None = None) -> DecoderBackend:
+    """The configured backend. ``auto``: onnxruntime where it can run on the VAE's device (it checks
+    itself against torch on first use of each size and falls back to torch there), else torch."""
+    config = (config or RenderConfig()).model_copy(update={"backend": name})
+    if name == "auto":
+        from .render_onnx import OnnxDecoderBackend, onnxruntime_unusable_reason
+
+        reason = onnxruntime_unusable_reason(vae, device)
+        if reason is None:
+            return OnnxDecoderBackend(
+                vae,
+                device,
+                precision=config.precision,
+                cache_dir=config.cache_dir,
+                min_psnr_db=config.min_psnr_db,
+                fallback_to_torch=True,
+            )
+        _torch_backend(vae, device, config)  # the same precision check as asking for torch
+        backend = TorchDecoderBackend(vae, device)
+        backend.fallback_reason = reason
+        return backend
     if name not in BACKENDS:
-        raise ValueError(f"unknown renderer backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](vae, device)
+        raise ValueError(f"unknown renderer backend {name!r}; available: auto, {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name](vae, device, config)
 
 
 @dataclass
@@ -116,9 +186,21 @@ class StreamingRenderer:
 
     def __init__(self, vae, device: torch.device, config: RenderConfig | None = None) -> None:
         self.config = config or RenderConfig()
-        self.backend = build_backend(self.config.backend, vae, device)
+        self.backend = build_backend(self.config.backend, vae, device, self.config)
         self._streams: dict[tuple[str, int], _ShotStream] = {}
         self._streams_lock = threading.Lock()
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def precision(self) -> str:
+        return str(self.backend.describe()["precision"])
+
+    def describe(self) -> dict[str, object]:
+        """The configured backend and what actually decodes (shown in /v1/models and the CLI)."""
+        return {"requested": self.config.backend, **self.backend.describe()}
 
     @property
     def active_streams(self) -> int:

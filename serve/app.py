@@ -64,6 +64,7 @@ MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # a brief with four 8 MB images is refus
 POLL_AFTER_MS = 500
 VIDEO_ID_HEADER = "x-shopreel-video-id"
 MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg"}
+RENDERER_STATS_TIMEOUT_S = 5.0  # /v1/models asks one renderer replica what it runs
 
 api = FastAPI(title="shopreel", description="Product briefs in, product videos out.", version="0.1")
 
@@ -227,6 +228,13 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
+        # What one renderer replica actually runs (auto may have picked torch); the config if none answers.
+        renderer: dict[str, Any] = {"requested": self.config.pipeline.render.backend}
+        try:
+            stats = await asyncio.wait_for(self.renderer.stats.remote(), RENDERER_STATS_TIMEOUT_S)
+            renderer = {key: value for key, value in stats.items() if key != "active_streams"}
+        except Exception as exc:  # a starting or dead replica must not break the model list
+            renderer["error"] = f"renderer did not answer: {type(exc).__name__}"
         return {
             "object": "list",
             "data": [
@@ -236,7 +244,7 @@ class Ingress:
                     "created": 0,
                     "owned_by": "shopreel",
                     "preset": self.preset.name,
-                    "renderer": {"backend": self.config.pipeline.render.backend},
+                    "renderer": renderer,
                     "default_size": str(self.preset.default_size),
                     "default_fps": self.preset.default_fps,
                 }

@@ -266,14 +266,19 @@ class RendererDeployment:
         _set_torch_threads(config)
         vae, device = load_vae(config.pipeline.model)
         self.renderer = StreamingRenderer(vae, device, config.pipeline.render)
-        self.backend_name = config.pipeline.render.backend
         self.executor = ThreadPoolExecutor(
             max_workers=config.renderer.max_ongoing_requests, thread_name_prefix="decode"
         )
         if config.warmup:
-            z_dim = vae.config.z_dim
-            latents = np.zeros((1, z_dim, 2, 8, 8), np.float32)
-            self._render(LatentChunk("warmup", 0, 0, 0, 2, latents, is_last=True, is_last_shot=True))
+            # Past the first two latent frames an optimised backend exports/loads its graph for this
+            # size and checks it against torch: done here, not on the first viewer's request.
+            size = resolve_preset(config.pipeline.model.preset).default_size
+            scale = vae.config.scale_factor_spatial
+            latents = np.random.default_rng(0).standard_normal(
+                (1, vae.config.z_dim, 3, size.height // scale, size.width // scale), dtype=np.float32
+            )
+            self._render(LatentChunk("warmup", 0, 0, 0, 3, latents, is_last=True, is_last_shot=True))
+        logger.info("renderer: %s", self.renderer.describe())
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def _hold_shot(self, key: str) -> str:
@@ -318,7 +323,7 @@ class RendererDeployment:
         return True
 
     async def stats(self) -> dict[str, Any]:
-        return {"active_streams": self.renderer.active_streams, "backend": self.backend_name}
+        return {"active_streams": self.renderer.active_streams, **self.renderer.describe()}
 
     def check_health(self) -> None:
         pass

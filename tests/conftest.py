@@ -9,6 +9,12 @@ import pytest
 # Tests never reach a model hub: everything is built from configs or saved to tmp dirs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Exported ONNX graphs go to a per-run folder, never to the user's ~/.cache (also for Ray replicas,
+# which inherit the environment).
+if "SHOPREEL_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SHOPREEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="shopreel-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,8 @@ def _write(tmp_path: Path, data) -> Path:
         ({"title": "Shoe"}, ["--preset", "no-such-model"], "neither a preset"),
         ({"title": "Shoe"}, ["--audio", "missing.wav"], "--audio missing.wav: no such file"),
         ({"title": "Shoe"}, ["--device", "tpu"], "invalid option"),
+        ({"title": "Shoe"}, ["--renderer", "vulkan"], "backend: Input should be 'auto'"),
+        ({"title": "Shoe"}, ["--renderer-precision", "int4"], "precision: Input should be 'fp32'"),
     ],
 )
 def test_bad_input_is_a_message_and_exit_2(tmp_path, brief, args, message):
@@ -102,6 +104,25 @@ def test_generate_example_writes_the_planned_video(tmp_path):
     assert video.audio_duration_s == pytest.approx(storyboard.duration_s, abs=0.05)
     assert thumb.read_bytes()[:3] == b"\xff\xd8\xff"
     assert "noise-like" in done.stderr  # the tiny preset says its pictures are untrained
+    assert "renderer: onnxruntime fp32 on cpu" in done.stderr  # what "auto" chose
+
+
+def test_quantize_bad_input_is_a_message_and_exit_2(tmp_path):
+    result = runner.invoke(app, ["quantize", "--size", "100x100"])
+    assert result.exit_code == 2 and "multiple of 16" in result.output
+    result = runner.invoke(app, ["quantize", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "cannot read brief" in result.output
+
+
+@pytest.mark.slow
+def test_quantize_reports_fidelity_and_exit_code_follows_the_floor(tmp_path):
+    args = ["quantize", "--size", "64x64", "--steps", "2", "--seeds", "1", "--cache-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["precision"] == "int8" and 0 < report["psnr_db"] < float("inf")
+    assert result.exit_code == (0 if report["accepted"] else 1)
+    assert Path(report["model_path"]).exists() == report["accepted"]
+    assert Path(report["model_path"]).parent == tmp_path
 
 
 def test_remote_without_a_server_is_a_clear_error(tmp_path):

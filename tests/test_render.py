@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 import torch
 from shopreel.kernels.postprocess import to_uint8_frames
+from shopreel.pipelines.config import RenderConfig
 from shopreel.pipelines.render import StreamingRenderer, build_backend
 from shopreel.pipelines.types import LatentChunk
+
+TORCH = RenderConfig(backend="torch")  # the reference; other backends are compared to it elsewhere
 
 
 def _latents(tiny_model, latent_frames=5, seed=0):
@@ -39,7 +42,7 @@ def _stream(renderer, latents, chunk, request_id="r", shot=0):
 @pytest.mark.parametrize("chunk", [1, 2, 5])
 def test_streaming_decode_equals_full_decode(tiny_model, chunk):
     latents = _latents(tiny_model)
-    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device)
+    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device, TORCH)
     streamed = _stream(renderer, latents, chunk)
     full = _full_decode(tiny_model, latents)
     assert streamed.shape == (17, 64, 64, 3)
@@ -51,7 +54,7 @@ def test_decoder_is_causal(tiny_model):
     latents = _latents(tiny_model)
     changed = latents.clone()
     changed[:, :, 3:] = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(5))
-    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device)
+    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device, TORCH)
     a = _stream(renderer, latents, 1)
     b = _stream(renderer, changed, 1)
     first_frames = 1 + 4 * 2  # latent frames 0..2
@@ -61,7 +64,7 @@ def test_decoder_is_causal(tiny_model):
 
 def test_interleaved_requests_match_separate_runs(tiny_model):
     x, y = _latents(tiny_model, seed=1), _latents(tiny_model, seed=2)
-    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device)
+    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device, TORCH)
     outputs: dict[str, list] = {"x": [], "y": []}
     for start in range(5):
         for name, latents in (("x", x), ("y", y)):
@@ -75,7 +78,7 @@ def test_interleaved_requests_match_separate_runs(tiny_model):
 
 def test_out_of_order_chunks_are_rejected(tiny_model):
     latents = _latents(tiny_model)
-    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device)
+    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device, TORCH)
     with pytest.raises(ValueError, match="must start at latent frame 0"):
         renderer.render(LatentChunk("r", 0, 1, 2, 3, latents[:, :, 2:3], False, True))
     renderer.render(LatentChunk("r", 0, 0, 0, 1, latents[:, :, :1], False, True))
@@ -86,8 +89,8 @@ def test_out_of_order_chunks_are_rejected(tiny_model):
 
 
 def test_unknown_backend_is_a_clear_error(tiny_model):
-    with pytest.raises(ValueError, match="unknown renderer backend 'tensorrt'; available: torch"):
-        build_backend("tensorrt", tiny_model.vae, tiny_model.device)
+    with pytest.raises(ValueError, match="unknown renderer backend 'vulkan'; available: auto, onnxruntime"):
+        build_backend("vulkan", tiny_model.vae, tiny_model.device)
 
 
 def test_postprocess_reference_matches_diffusers_video_processor():
@@ -111,6 +114,6 @@ def test_streaming_decode_equals_full_decode_on_cuda():
     inv_std = 1.0 / torch.tensor(vae.config.latents_std, device="cuda").view(1, 16, 1, 1, 1)
     with torch.inference_mode():
         full = to_uint8_frames(vae.decode(latents / inv_std + mean, return_dict=False)[0])
-    streamed = _stream(StreamingRenderer(vae, torch.device("cuda")), latents, chunk=2)
+    streamed = _stream(StreamingRenderer(vae, torch.device("cuda"), TORCH), latents, chunk=2)
     assert streamed.shape == full.shape
     assert np.abs(streamed.astype(int) - full.astype(int)).max() <= 1  # cuDNN may pick other kernels

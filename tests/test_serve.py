@@ -86,6 +86,13 @@ def test_health_models_and_readiness(http):
     assert http.get("/readyz").status_code == 200
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["preset"] == "tiny"
+    # What the renderer replica really runs: auto chose ONNX Runtime, and warm-up built the graph for
+    # the preset's default size (128x128 video -> 16x16 latents), which passed its check against torch.
+    renderer = models["data"][0]["renderer"]
+    assert (renderer["requested"], renderer["backend"]) == ("auto", "onnxruntime")
+    assert renderer["precision"] == "fp32"
+    assert renderer["graphs_by_latent_size"]["16x16"].endswith(".fp32.onnx")
+    assert renderer["fallback_reason"] is None
 
 
 def test_openai_sdk_create_poll_download_list_delete(openai_client, tmp_path):

@@ -1,0 +1,622 @@
+"""ONNX Runtime renderer: the streaming decode step exported to ONNX, fp32 or static INT8.
+
+The exported graph is one step of the causal decoder in its steady state: one normalised latent
+frame and every causal cache tensor in; that frame's four video frames and the updated caches out
+(de-normalisation, ``post_quant_conv`` and the clamp are inside). The first two latent frames are
+special in Wan's decoder: its caches start empty and its temporal upsamplers use a "Rep" marker,
+so those frames go through the torch reference (``TorchDecoderBackend``), whose caches then seed the
+graph. Measured cost: see ``benchmarks/renderer.py`` ("first frames" column).
+
+Exported files are cached on disk under a key of the VAE's weights and config, the latent shape,
+the precision and the torch/onnxruntime versions, so a changed model or size never reuses a stale
+graph. INT8 is ONNX Runtime's static QDQ quantisation, calibrated on real generator latents
+(``quantize_int8``), and is activated only when its PSNR against the fp32 torch reference on held-out
+latents reaches the configured floor.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .render import TorchDecoderBackend
+
+logger = logging.getLogger("shopreel.pipelines.render")
+
+WARMUP_LATENT_FRAMES = 2  # frames 0 and 1 run in torch: empty caches and the "Rep" upsample marker
+EXPORT_FORMAT_VERSION = 1  # bump when the exported graph changes meaning
+ONNX_OPSET = 17
+# Node names from the exporter: the latent input projection and the RGB output convolution.
+FP32_NODES = ("/post_quant_conv/Conv", "/decoder/conv_in/Conv", "/decoder/conv_out/Conv")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SHOPREEL_CACHE_DIR", Path.home() / ".cache" / "shopreel")) / "onnx"
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def onnxruntime_unusable_reason(vae: Any, device: torch.device) -> str | None:
+    """Why the onnxruntime renderer cannot serve this VAE here (None: it can)."""
+    if not onnxruntime_available():
+        return "onnxruntime is not installed"
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        # A CPU graph behind a GPU VAE would be many times slower than torch on the GPU.
+        return "the VAE is on CUDA and onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+    if device.type not in ("cpu", "cuda"):
+        return f"no onnxruntime execution provider for device {device}"
+    if getattr(vae.config, "patch_size", None) is not None:
+        return "patchified VAEs (Wan 2.2) are not exported yet"
+    return None
+
+
+def execution_providers(device: torch.device) -> list[str]:
+    """CUDA (and TensorRT) providers when the VAE lives on a GPU and this onnxruntime has them, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        wanted = [
+            p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available
+        ] + wanted
+    return wanted
+
+
+def weights_digest(vae: Any) -> str:
+    """sha256 over the VAE's config and every parameter/buffer: a changed model gets new cache keys."""
+    # diffusers' private config keys (e.g. ``_use_default_values``, a list built from a set) change
+    # order from one process to the next: a key built from them would never be found again.
+    public = {key: value for key, value in dict(vae.config).items() if not key.startswith("_")}
+    digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(weights: str, latent_hw: tuple[int, int], precision: str) -> str:
+    import onnxruntime as ort
+
+    parts = [
+        weights,
+        f"{latent_hw[0]}x{latent_hw[1]}",
+        precision,
+        torch.__version__,
+        ort.__version__,
+        str(EXPORT_FORMAT_VERSION),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+class _DecodeStep(torch.nn.Module):
+    """One steady-state step of the causal decoder, with the caches as explicit inputs and outputs."""
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
+    def __init__(self, vae: Any, cache_slots: Sequence[int], num_slots: int) -> None:
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        # A copy, so the model shared with the torch path is never changed: ONNX's legacy exporter has
+        # no "nearest-exact", and for the decoder's integer 2x upsampling "nearest" picks the same pixels.
+        self.decoder = copy.deepcopy(vae.decoder)
+        for module in self.decoder.modules():
+            if isinstance(module, torch.nn.Upsample) and module.mode == "nearest-exact":
+                module.mode = "nearest"
+        self.cache_slots = list(cache_slots)
+        self.num_slots = num_slots
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self.register_buffer("mean", torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(shape))
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(shape)
+        self.register_buffer("inv_std", 1.0 / std)
+
+    def forward(self, latents: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feat_cache: list[Any] = [None] * self.num_slots
+        for slot, cache in zip(self.cache_slots, caches, strict=True):
+            feat_cache[slot] = cache
+        x = self.post_quant_conv(latents / self.inv_std + self.mean)  # exactly the torch path's order
+        video = self.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=False).clamp(-1.0, 1.0)
+        return (video, *(feat_cache[slot] for slot in self.cache_slots))
+
+
+@dataclass
+class _OnnxDecodeState:
+    torch_state: Any
+    caches: list[np.ndarray] | None = None
+    latent_frames_done: int = 0
+    recorder: list[dict[str, np.ndarray]] | None = None  # calibration: feeds seen by the graph
+
+
+@dataclass
+class _Graph:
+    session: Any
+    input_names: list[str]
+    path: Path
+    cache_slots: list[int] = field(default_factory=list)
+
+
+class OnnxDecoderBackend:
+    """Streaming decode with ONNX Runtime after the torch reference has handled the first two frames."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        vae: Any,
+        device: torch.device,
+        *,
+        precision: str = "fp32",
+        cache_dir: Path | None = None,
+        min_psnr_db: float = 35.0,
+        fallback_to_torch: bool = False,
+    ) -> None:
+        unusable = onnxruntime_unusable_reason(vae, device)
+        if unusable is not None:
+            raise ValueError(f"renderer backend 'onnxruntime' cannot run here: {unusable}")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"onnxruntime renderer supports precision fp32 or int8, not {precision!r}")
+        self.vae = vae
+        self.device = device
+        self.precision = precision
+        self.reference = TorchDecoderBackend(vae, device)
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.providers = execution_providers(device)
+        self.weights = weights_digest(vae)
+        self.min_psnr_db = min_psnr_db
+        self.fallback_to_torch = fallback_to_torch  # "auto": a graph that fails to build or check -> torch
+        self.fallback_reason: str | None = None
+        self._graphs: dict[tuple[int, int], _Graph | None] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, object]:
+        graphs = {f"{h}x{w}": ("torch" if g is None else g.path.name) for (h, w), g in self._graphs.items()}
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "device": str(self.device),
+            "providers": self.providers,
+            "graphs_by_latent_size": graphs,  # "torch": that size failed its check and decodes in torch
+            "first_frames_in_torch": WARMUP_LATENT_FRAMES,
+            "fallback_reason": self.fallback_reason,
+        }
+
+    def new_state(self) -> _OnnxDecodeState:
+        return _OnnxDecodeState(torch_state=self.reference.new_state())
+
+    def decode(self, state: object, latents: torch.Tensor) -> torch.Tensor:
+        if not isinstance(state, _OnnxDecodeState):
+            raise TypeError("state was not made by this backend")
+        outputs = []
+        for index in range(latents.shape[2]):
+            frame = latents[:, :, index : index + 1]
+            if state.latent_frames_done < WARMUP_LATENT_FRAMES:
+                outputs.append(self.reference.decode(state.torch_state, frame).float().cpu())
+            else:
+                outputs.append(self._run_graph(state, frame))
+            state.latent_frames_done += 1
+        return torch.cat(outputs, dim=2)
+
+    def _run_graph(self, state: _OnnxDecodeState, frame: torch.Tensor) -> torch.Tensor:
+        graph = self.graph_for(state, frame)
+        if graph is None:  # this size fell back to the reference
+            return self.reference.decode(state.torch_state, frame).float().cpu()
+        if state.caches is None:  # hand over from the torch reference's caches
+            state.caches = [
+                state.torch_state.feat_cache[slot].float().cpu().numpy() for slot in graph.cache_slots
+            ]
+            state.torch_state = None
+        feeds = {
+            "latents": frame.detach().float().cpu().numpy(),
+            **dict(zip(graph.input_names[1:], state.caches, strict=True)),
+        }
+        if state.recorder is not None:
+            state.recorder.append({name: value.copy() for name, value in feeds.items()})
+        video, *caches = graph.session.run(None, feeds)
+        state.caches = caches
+        return torch.from_numpy(video)
+
+    def graph_for(self, state: _OnnxDecodeState, frame: torch.Tensor) -> _Graph | None:
+        """The session for this latent size: loaded from the cache dir, else exported now, then checked
+        once against the torch reference on this very frame. None: this size decodes with torch."""
+        latent_hw = (frame.shape[3], frame.shape[4])
+        with self._lock:
+            if latent_hw in self._graphs:
+                return self._graphs[latent_hw]
+            try:
+                graph: _Graph | None = self._load_or_export(state, latent_hw)
+                self._check_fidelity(graph, state, frame)  # type: ignore[arg-type]
+            except Exception as exc:
+                if not self.fallback_to_torch:
+                    raise
+                self.fallback_reason = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "onnxruntime renderer unusable for %s, decoding with torch: %s",
+                    latent_hw,
+                    self.fallback_reason,
+                )
+                graph = None
+            self._graphs[latent_hw] = graph
+            return graph
+
+    def _check_fidelity(self, graph: _Graph, state: _OnnxDecodeState, frame: torch.Tensor) -> None:
+        reference_state = copy.deepcopy(state.torch_state)
+        expected = self.reference.decode(reference_state, frame).float().cpu()
+        caches = [state.torch_state.feat_cache[slot].float().cpu().numpy() for slot in graph.cache_slots]
+        feeds = {
+            "latents": frame.detach().float().cpu().numpy(),
+            **dict(zip(graph.input_names[1:], caches, strict=True)),
+        }
+        got = torch.from_numpy(graph.session.run(None, feeds)[0])
+        quality = psnr_db(expected, got)
+        if quality < self.min_psnr_db:
+            raise ValueError(
+                f"{graph.path.name}: {quality:.1f} dB vs the torch reference, floor {self.min_psnr_db} dB"
+            )
+
+    def model_path(self, latent_hw: tuple[int, int], precision: str | None = None) -> Path:
+        precision = precision or self.precision
+        return (
+            self.cache_dir
+            / f"wan-decode-step-{cache_key(self.weights, latent_hw, precision)}.{precision}.onnx"
+        )
+
+    def _load_or_export(self, state: _OnnxDecodeState, latent_hw: tuple[int, int]) -> _Graph:
+        import onnxruntime as ort
+
+        cache_slots = [i for i, c in enumerate(state.torch_state.feat_cache) if isinstance(c, torch.Tensor)]
+        path = self.model_path(latent_hw)
+        if not path.is_file():
+            if self.precision == "int8":
+                raise ValueError(
+                    f"no accepted INT8 decoder for latent size {latent_hw[0]}x{latent_hw[1]} in "
+                    f"{self.cache_dir}: "
+                    "calibrate one first (shopreel quantize, or pipelines.render_onnx.quantize_int8)"
+                )
+            self._export(state, cache_slots, path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        logger.info(
+            "onnxruntime renderer %s on %s: %s", self.precision, session.get_providers()[0], path.name
+        )
+        names = [i.name for i in session.get_inputs()]
+        return _Graph(session=session, input_names=names, path=path, cache_slots=cache_slots)
+
+    def _export(self, state: _OnnxDecodeState, cache_slots: list[int], path: Path) -> None:
+        step = _DecodeStep(self.vae, cache_slots, len(state.torch_state.feat_cache)).float().cpu().eval()
+        caches = tuple(state.torch_state.feat_cache[slot].float().cpu() for slot in cache_slots)
+        z_dim = self.vae.config.z_dim
+        height, width = caches[0].shape[-2:]
+        example = torch.zeros(1, z_dim, 1, height, width)
+        names = ["latents", *(f"cache_{slot}" for slot in cache_slots)]
+        outputs = ["video", *(f"next_cache_{slot}" for slot in cache_slots)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer warnings about the decoder's Python branches
+                torch.onnx.export(
+                    step,
+                    (example, *caches),
+                    temp_name,
+                    input_names=names,
+                    output_names=outputs,
+                    opset_version=ONNX_OPSET,
+                    dynamo=False,
+                )
+            os.replace(temp_name, path)  # a concurrent process never loads a half-written graph
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        logger.info("exported the streaming decode step to %s", path)
+
+
+# --- INT8 -----------------------------------------------------------------------------------------
+
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    """What ``quantize_int8`` built and how close it is to the fp32 torch reference.
+
+    ``psnr_db`` is measured on the held-out clips only; ``calibration_psnr_db`` is the worst calibration
+    clip of the chosen recipe (the clips that calibrated the ranges and chose the fp32 fallback layers).
+    """
+
+    precision: str
+    psnr_db: float
+    max_abs_error: float
+    min_psnr_db: float
+    accepted: bool
+    model_path: str
+    calibration_method: str = "MinMax"
+    calibration_psnr_db: float | None = None
+    quantized_nodes: tuple[str, ...] = ()  # Convs that run as INT8
+    fp32_nodes: tuple[str, ...] = ()  # Convs kept fp32: FP32_NODES, then the accuracy fallback
+    fallback_nodes: tuple[str, ...] = ()  # the part of fp32_nodes the sensitivity search chose
+    candidates_tried: int = 0  # INT8 graphs built and scored on calibration clips
+    search_s: float = 0.0  # seconds spent choosing the recipe (calibration included)
+    # Whole held-out clips (torch warm-up frames included) on this machine: INT8 / ONNX fp32 time.
+    # Fidelity decides acceptance; this says whether INT8 is worth activating here at all.
+    speedup_vs_fp32: float | None = None
+
+
+def decode_clip(backend: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Decode one shot's latents ``[1, C, T, h, w]`` frame by frame through a backend."""
+    state = backend.new_state()
+    return torch.cat(
+        [backend.decode(state, latents[:, :, i : i + 1]).float().cpu() for i in range(latents.shape[2])], 2
+    )
+
+
+def psnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """PSNR of videos in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((reference.float() - other.float()) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(4.0 / mse)
+
+
+@dataclass
+class _CalibrationClip:
+    feeds: list[dict[str, np.ndarray]]  # what the fp32 graph was fed, step by step
+    warmup: list[torch.Tensor]  # the torch reference's first frames: the same in every candidate
+    expected: torch.Tensor  # the whole clip decoded in fp32
+
+
+def _closed_loop_psnr(session: Any, clip: _CalibrationClip) -> float:
+    """PSNR of a candidate on a calibration clip, decoded on its own caches from the fp32 hand-over on
+    (so errors compound frame to frame as when serving), over the whole clip like the held-out check."""
+    names = [i.name for i in session.get_inputs()]
+    caches = [clip.feeds[0][name] for name in names[1:]]
+    outputs = list(clip.warmup)
+    for feed in clip.feeds:
+        inputs = {"latents": feed["latents"], **dict(zip(names[1:], caches, strict=True))}
+        video, *caches = session.run(None, inputs)
+        outputs.append(torch.from_numpy(video))
+    return psnr_db(clip.expected, torch.cat(outputs, dim=2))
+
+
+class _Int8Builder:
+    """Static QDQ graphs of one fp32 decode step that differ only in which Convs stay fp32.
+
+    Calibration (the costly part) runs once: where this onnxruntime has ``calibration_cache_path`` the
+    tensor ranges are kept in ``workdir`` and every later candidate reuses them.
+    """
+
+    def __init__(
+        self,
+        fp32_path: Path,
+        feeds: list[dict[str, np.ndarray]],
+        method: str,
+        options: dict[str, Any],
+        workdir: Path,
+        providers: list[str],
+    ) -> None:
+        import inspect
+
+        import onnx
+        from onnxruntime.quantization import quantize_static
+
+        self.fp32_path = fp32_path
+        self.feeds = feeds
+        self.method = method
+        self.options = dict(options)
+        self.workdir = workdir
+        self.providers = providers
+        self.cache_ranges = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+        graph = onnx.load(str(fp32_path), load_external_data=False).graph
+        self.convs = [n.name for n in graph.node if n.op_type == "Conv" and n.name not in FP32_NODES]
+        self.tried = 0
+
+    def build(self, path: Path, fp32_nodes: Sequence[str]) -> None:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):
+            def __init__(self, items: list[dict[str, np.ndarray]]) -> None:
+                self.items = iter(items)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.items, None)
+
+        cached = {"calibration_cache_path": str(self.workdir / "ranges.json")} if self.cache_ranges else {}
+        quantize_static(
+            str(self.fp32_path),
+            str(path),
+            Reader(self.feeds),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv"],  # the compute; norms and activations stay fp32
+            nodes_to_exclude=[*FP32_NODES, *fp32_nodes],  # first/last convolutions and the fallback
+            calibrate_method=getattr(CalibrationMethod, self.method),
+            extra_options=dict(self.options),
+            **cached,
+        )
+
+    def score(self, fp32_nodes: Sequence[str], clips: Sequence[_CalibrationClip]) -> float:
+        """Worst closed-loop PSNR over ``clips`` of the graph with ``fp32_nodes`` kept fp32."""
+        import onnxruntime as ort
+
+        path = self.workdir / "candidate.onnx"
+        self.build(path, fp32_nodes)
+        self.tried += 1
+        options = ort.SessionOptions()
+        # Unfused QDQ: the same rounding as the int8 kernels to well under a dB, and no fusion cost.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        return min(_closed_loop_psnr(session, clip) for clip in clips)
+
+
+def _choose_fallback(
+    builder: _Int8Builder, clips: Sequence[_CalibrationClip], target_db: float
+) -> tuple[list[str], float]:
+    """Accuracy-driven mixed precision on the calibration clips: the fewest Convs to keep fp32 so that
+    the worst calibration clip reaches ``target_db``.
+
+    Every Conv is ranked once by single-layer sensitivity (only that Conv INT8, PSNR on the first
+    calibration clip), then the smallest k such that the k most sensitive stay fp32 is bisected
+    (about log2(#convs) more candidates on all calibration clips). Returns (fp32 Convs, their score).
+    """
+    full = builder.score([], clips)
+    if full >= target_db:
+        return [], full
+    convs = builder.convs
+    sensitivity = {conv: builder.score([c for c in convs if c != conv], clips[:1]) for conv in convs}
+    ranked = sorted(convs, key=lambda conv: sensitivity[conv])  # most damaging first
+    logger.info(
+        "INT8 single-layer sensitivity (dB, most sensitive first): %s",
+        ", ".join(f"{conv}={sensitivity[conv]:.1f}" for conv in ranked),
+    )
+    scores = {0: full, len(ranked): math.inf}  # all fp32: the fp32 graph itself
+    low, high = 0, len(ranked)  # invariant: low misses the target, high reaches it
+    while high - low > 1:
+        middle = (low + high) // 2
+        scores[middle] = builder.score(ranked[:middle], clips)
+        low, high = (low, middle) if scores[middle] >= target_db else (middle, high)
+    return ranked[:high], scores[high]
+
+
+def quantize_int8(
+    vae: Any,
+    device: torch.device,
+    calibration: Iterable[torch.Tensor],
+    held_out: Sequence[torch.Tensor],
+    *,
+    cache_dir: Path | None = None,
+    min_psnr_db: float = 35.0,
+    calibrate_method: str = "MinMax",
+    calibration_options: dict[str, Any] | None = None,
+    margin_db: float = 1.0,
+    fp32_nodes: Sequence[str] | None = None,
+) -> FidelityReport:
+    """Static INT8 (QDQ) decode step calibrated on real latents; kept only if it meets the PSNR floor.
+
+    ``calibration`` and ``held_out`` are generator latents of one spatial size, ``[1, C, T, h, w]``
+    with T > 2 (frames past the torch warm-up are what the graph decodes). Recipe: per-channel INT8
+    weights, per-tensor UINT8 activations, ranges from ``calibrate_method`` (``calibration_options``:
+    onnxruntime's ``extra_options``, e.g. ``{"CalibPercentile": 99.99}``), Convs only, the first and
+    last convolutions fp32. When the all-INT8 graph misses ``min_psnr_db + margin_db`` on the
+    calibration clips (decoded closed-loop, so cache errors compound as in serving), the most
+    sensitive Convs fall back to fp32 (``_choose_fallback``); ``fp32_nodes`` skips that search and
+    keeps exactly these Convs fp32. The fidelity check then decodes ``held_out`` — clips used neither
+    for the ranges nor for choosing layers — with the INT8 graph and with the fp32 torch reference.
+    """
+    import time
+
+    if calibrate_method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibrate_method must be one of {CALIBRATION_METHODS}, not {calibrate_method!r}")
+    started = time.perf_counter()
+    fp32 = OnnxDecoderBackend(vae, device, precision="fp32", cache_dir=cache_dir)
+    clips: list[_CalibrationClip] = []
+    latent_hw: tuple[int, int] | None = None
+    for clip in calibration:
+        latent_hw = (clip.shape[3], clip.shape[4])
+        state = fp32.new_state()
+        state.recorder = []
+        frames = [fp32.decode(state, clip[:, :, i : i + 1]) for i in range(clip.shape[2])]
+        if state.recorder:
+            warmup = frames[: clip.shape[2] - len(state.recorder)]
+            clips.append(_CalibrationClip(state.recorder, warmup, torch.cat(frames, dim=2)))
+    if not clips or latent_hw is None:
+        raise ValueError("calibration needs latents with more than 2 latent frames")
+
+    int8_path = fp32.model_path(latent_hw, "int8")
+    fd, temp_name = tempfile.mkstemp(prefix=f".{int8_path.name}.", suffix=".part", dir=int8_path.parent)
+    os.close(fd)
+    try:
+        with tempfile.TemporaryDirectory(prefix="shopreel-int8-") as workdir:
+            builder = _Int8Builder(
+                fp32.model_path(latent_hw),
+                [feed for clip in clips for feed in clip.feeds],
+                calibrate_method,
+                calibration_options or {},
+                Path(workdir),
+                fp32.providers,
+            )
+            if fp32_nodes is None:
+                fallback, calibration_psnr = _choose_fallback(builder, clips, min_psnr_db + margin_db)
+            else:
+                fallback = [node for node in fp32_nodes if node not in FP32_NODES]
+                calibration_psnr = builder.score(fallback, clips)
+            builder.build(Path(temp_name), fallback)
+        search_s = time.perf_counter() - started
+        # The candidate's own one-frame check is disabled: the held-out clips below are the real test.
+        candidate = OnnxDecoderBackend(
+            vae, device, precision="int8", cache_dir=cache_dir, min_psnr_db=-math.inf
+        )
+        os.replace(temp_name, int8_path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    reference = TorchDecoderBackend(vae, device)
+    psnrs, max_error, seconds = [], 0.0, {"int8": 0.0, "fp32": 0.0}
+    decode_clip(candidate, held_out[0][:, :, :3])  # load the session outside the timing
+    for clip in held_out:
+        expected, decoded = decode_clip(reference, clip), {}
+        for name, backend in (("int8", candidate), ("fp32", fp32)):
+            clip_started = time.perf_counter()
+            decoded[name] = decode_clip(backend, clip)
+            seconds[name] += time.perf_counter() - clip_started
+        got = decoded["int8"]
+        psnrs.append(psnr_db(expected, got))
+        max_error = max(max_error, float((expected - got).abs().max()))
+    kept = set(fallback)
+    report = FidelityReport(
+        precision="int8",
+        psnr_db=round(min(psnrs), 2),
+        max_abs_error=round(max_error, 5),
+        min_psnr_db=min_psnr_db,
+        accepted=min(psnrs) >= min_psnr_db,
+        model_path=str(int8_path),
+        calibration_method=calibrate_method,
+        calibration_psnr_db=round(calibration_psnr, 2),
+        quantized_nodes=tuple(conv for conv in builder.convs if conv not in kept),
+        fp32_nodes=(*FP32_NODES, *fallback),
+        fallback_nodes=tuple(fallback),
+        candidates_tried=builder.tried,
+        search_s=round(search_s, 1),
+        speedup_vs_fp32=round(seconds["fp32"] / seconds["int8"], 2),
+    )
+    logger.info(
+        "INT8 recipe: %s calibration, %d Convs INT8, %d fp32 (%d by fallback), %.1f dB on calibration clips",
+        calibrate_method,
+        len(report.quantized_nodes),
+        len(report.fp32_nodes),
+        len(fallback),
+        calibration_psnr,
+    )
+    if not report.accepted:  # never leave a model below the floor where a renderer would load it
+        int8_path.unlink(missing_ok=True)
+        logger.warning("INT8 decoder refused: %.1f dB < floor %.1f dB", report.psnr_db, min_psnr_db)
+    return report

@@ -1,0 +1,233 @@
+"""Optimised renderer backends against the torch reference: ONNX Runtime fp32 and static INT8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shopreel.pipelines.config import RenderConfig
+from shopreel.pipelines.render import StreamingRenderer, TorchDecoderBackend, build_backend
+from shopreel.pipelines.render_onnx import (
+    OnnxDecoderBackend,
+    cache_key,
+    decode_clip,
+    psnr_db,
+    quantize_int8,
+    weights_digest,
+)
+from shopreel.pipelines.types import LatentChunk
+
+pytest.importorskip("onnxruntime")
+
+
+def _latents(frames=7, hw=(16, 16), seed=0):
+    return torch.randn(1, 16, frames, *hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _stream(renderer, latents, request_id, chunk=2):
+    out = []
+    total = latents.shape[2]
+    for index, start in enumerate(range(0, total, chunk)):
+        end = min(start + chunk, total)
+        out.append(
+            renderer.render(
+                LatentChunk(request_id, 0, index, start, end, latents[:, :, start:end], end == total, True)
+            ).frames
+        )
+    return np.concatenate(out)
+
+
+def test_onnxruntime_equals_the_reference_over_interleaved_streams(tiny_model, tmp_path):
+    config = RenderConfig(backend="onnxruntime", cache_dir=tmp_path)
+    renderer = StreamingRenderer(tiny_model.vae, tiny_model.device, config)
+    assert (renderer.backend_name, renderer.precision) == ("onnxruntime", "fp32")
+    reference = StreamingRenderer(tiny_model.vae, tiny_model.device, RenderConfig(backend="torch"))
+    a, b = _latents(seed=1), _latents(seed=2)
+    expected_a, expected_b = _stream(reference, a, "ra"), _stream(reference, b, "rb")
+    # Two requests interleaved chunk by chunk on one ORT renderer.
+    got: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+    for index, start in enumerate(range(0, 7, 2)):
+        end = min(start + 2, 7)
+        for name, latents in (("a", a), ("b", b)):
+            chunk = LatentChunk(name, 0, index, start, end, latents[:, :, start:end], end == 7, True)
+            got[name].append(renderer.render(chunk).frames)
+    for expected, frames in ((expected_a, got["a"]), (expected_b, got["b"])):
+        frames = np.concatenate(frames)
+        assert frames.shape == expected.shape == (25, 128, 128, 3)
+        assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1  # float rounding at .5
+
+
+def test_onnxruntime_stays_causal(tiny_model, tmp_path):
+    backend = OnnxDecoderBackend(tiny_model.vae, tiny_model.device, cache_dir=tmp_path)
+    latents = _latents(frames=6, seed=3)
+    changed = latents.clone()
+    changed[:, :, 4:] = torch.randn_like(changed[:, :, 4:])
+    first, second = decode_clip(backend, latents), decode_clip(backend, changed)
+    frames_before_latent_4 = 1 + 4 * 3
+    assert torch.equal(first[:, :, :frames_before_latent_4], second[:, :, :frames_before_latent_4])
+    assert not torch.equal(first, second)
+
+
+def test_graph_is_cached_on_disk_and_keyed_by_weights_and_shape(tiny_model, tmp_path):
+    backend = OnnxDecoderBackend(tiny_model.vae, tiny_model.device, cache_dir=tmp_path)
+    decode_clip(backend, _latents(frames=3))
+    files = sorted(tmp_path.glob("*.onnx"))
+    assert len(files) == 1
+    again = OnnxDecoderBackend(tiny_model.vae, tiny_model.device, cache_dir=tmp_path)
+    decode_clip(again, _latents(frames=3, seed=5))
+    assert sorted(tmp_path.glob("*.onnx")) == files  # reused, not exported again
+    decode_clip(again, _latents(frames=3, hw=(8, 16)))
+    assert len(list(tmp_path.glob("*.onnx"))) == 2  # another latent size, another graph
+    weights = weights_digest(tiny_model.vae)
+    assert cache_key(weights, (16, 16), "fp32") != cache_key(weights, (16, 16), "int8")
+    import copy
+
+    other = copy.deepcopy(tiny_model.vae)
+    with torch.no_grad():
+        next(other.decoder.parameters()).add_(1e-3)
+    assert weights_digest(other) != weights
+
+
+def test_auto_picks_onnxruntime_and_falls_back_below_the_floor(tiny_model, tmp_path):
+    backend = build_backend("auto", tiny_model.vae, tiny_model.device, RenderConfig(cache_dir=tmp_path))
+    assert backend.name == "onnxruntime"
+    # An impossible floor: the check refuses the graph and the backend decodes with torch instead.
+    strict = OnnxDecoderBackend(
+        tiny_model.vae, tiny_model.device, cache_dir=tmp_path, min_psnr_db=1e9, fallback_to_torch=True
+    )
+    latents = _latents(frames=4)
+    frames = decode_clip(strict, latents)
+    assert strict.fallback_reason is not None and "floor" in strict.fallback_reason
+    assert torch.equal(frames, decode_clip(TorchDecoderBackend(tiny_model.vae, tiny_model.device), latents))
+    with pytest.raises(ValueError, match="floor"):
+        decode_clip(
+            OnnxDecoderBackend(tiny_model.vae, tiny_model.device, cache_dir=tmp_path, min_psnr_db=1e9),
+            latents,
+        )
+
+
+def test_missing_or_unsupported_backends_are_clear_errors(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="TensorRT is not installed"):
+        build_backend("tensorrt", tiny_model.vae, tiny_model.device)
+    with pytest.raises(ValueError, match="precision fp32 or int8"):
+        build_backend("onnxruntime", tiny_model.vae, tiny_model.device, RenderConfig(precision="fp8"))
+    with pytest.raises(ValueError, match="vae_dtype"):
+        build_backend("torch", tiny_model.vae, tiny_model.device, RenderConfig(precision="bf16"))
+    int8 = OnnxDecoderBackend(tiny_model.vae, tiny_model.device, precision="int8", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="calibrate one first"):
+        decode_clip(int8, _latents(frames=3))
+
+
+def _generator_latents(model, seeds, frames=17, size=64):
+    """Real latents: the tiny generator denoising product shots (calibration must not be noise)."""
+    from shopreel.pipelines.generate import LatentGenerator
+    from storyboards import make_storyboard
+
+    generator = LatentGenerator(model)
+    clips = []
+    for seed in seeds:
+        storyboard = make_storyboard(shot_frames=(frames,), width=size, height=size)
+        storyboard.shots[0].seed = seed
+        chunks = list(generator.generate(storyboard, request_id=f"cal{seed}", num_inference_steps=2))
+        clips.append(torch.cat([chunk.latents for chunk in chunks], dim=2))
+    return clips
+
+
+def _mid_size_vae():
+    """The acceptance's mid-size Wan VAE (base_dim 32, dim_mult [1, 2, 4, 4]; ~10M parameters)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=32,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    return vae.eval().requires_grad_(False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vae_name", ["tiny", "mid-size"])
+def test_int8_meets_the_floor_and_serves_a_stream(tiny_model, tmp_path, vae_name):
+    vae = tiny_model.vae if vae_name == "tiny" else _mid_size_vae()
+    calibration = _generator_latents(tiny_model, seeds=[1, 2, 3])
+    held_out = _generator_latents(tiny_model, seeds=[11, 12])
+    report = quantize_int8(vae, tiny_model.device, calibration, held_out, cache_dir=tmp_path)
+    assert report.accepted and 35.0 <= report.psnr_db < float("inf"), report
+    assert report.max_abs_error > 0 and report.quantized_nodes  # real INT8, really imperfect
+    assert Path(report.model_path).exists() and report.speedup_vs_fp32 is not None
+    # The accepted model serves interleaved chunked streams through the renderer, above the floor.
+    config = RenderConfig(backend="onnxruntime", precision="int8", cache_dir=tmp_path)
+    renderer = StreamingRenderer(vae, tiny_model.device, config)
+    reference = StreamingRenderer(vae, tiny_model.device, RenderConfig(backend="torch"))
+    assert (renderer.backend_name, renderer.precision) == ("onnxruntime", "int8")
+    got = _stream(renderer, held_out[1], "int8", chunk=2)
+    expected = _stream(reference, held_out[1], "fp32", chunk=2)
+    assert psnr_db(torch.from_numpy(expected) / 127.5 - 1, torch.from_numpy(got) / 127.5 - 1) >= 35.0
+
+
+@pytest.mark.slow
+def test_int8_below_the_floor_is_refused_and_deleted(tiny_model, tmp_path):
+    calibration = _generator_latents(tiny_model, seeds=[1])
+    held_out = _generator_latents(tiny_model, seeds=[11])
+    refused = quantize_int8(
+        tiny_model.vae, tiny_model.device, calibration, held_out, cache_dir=tmp_path, min_psnr_db=1e9
+    )
+    assert not refused.accepted and 0 < refused.psnr_db < float("inf")
+    assert not Path(refused.model_path).exists() and not list(tmp_path.glob("*.int8.onnx*"))
+    with pytest.raises(ValueError, match="calibrate one first"):
+        decode_clip(
+            OnnxDecoderBackend(tiny_model.vae, tiny_model.device, precision="int8", cache_dir=tmp_path),
+            held_out[0],
+        )
+
+
+@pytest.mark.slow
+def test_torch_compile_equals_eager(tiny_model):
+    """The torch backend's optional torch.compile path against eager, over the special first frames."""
+    latents = _latents(frames=4, hw=(8, 8))
+    eager = decode_clip(TorchDecoderBackend(tiny_model.vae, tiny_model.device), latents)
+    backend = build_backend("torch", tiny_model.vae, tiny_model.device, RenderConfig(torch_compile=True))
+    assert backend.describe()["torch_compile"] is True
+    compiled = decode_clip(backend, latents)
+    assert torch.allclose(compiled, eager, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_cuda_never_puts_a_cpu_graph_behind_a_gpu_vae(tiny_model):
+    import copy
+
+    import onnxruntime as ort
+
+    vae = copy.deepcopy(tiny_model.vae).to("cuda")
+    backend = build_backend("auto", vae, torch.device("cuda"))
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert backend.name == "onnxruntime"
+    else:
+        assert backend.name == "torch"
+        assert "CUDAExecutionProvider" in backend.describe()["fallback_reason"]
+
+
+def test_cache_key_is_the_same_in_another_process(tiny_model):
+    """A graph exported (or an INT8 model calibrated) by one process must be found by the next."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from shopreel.pipelines.config import ModelConfig\n"
+        "from shopreel.pipelines.presets import load_vae\n"
+        "from shopreel.pipelines.render_onnx import weights_digest\n"
+        "print(weights_digest(load_vae(ModelConfig(device='cpu'))[0]))\n"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+        ).stdout.strip()
+        for env in ({**os.environ, "PYTHONHASHSEED": "1"}, {**os.environ, "PYTHONHASHSEED": "2"})
+    }
+    assert digests == {weights_digest(tiny_model.vae)}
