@@ -1,4 +1,5 @@
-"""Per-stage time and frames/s of the in-process pipeline, tiny preset, at two sizes.
+"""Per-stage time and frames/s of the in-process pipeline, tiny preset, at two sizes, with the torch
+renderer and the default (auto: ONNX Runtime) one side by side.
 
     .venv/bin/python -m shopreel.benchmarks.pipeline [--sizes 128x128 256x256] [--repeats 3]
 
@@ -21,18 +22,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLE_BRIEF = Path(__file__).resolve().parents[1] / "examples" / "brief_en.json"
 
 
-def run(sizes: list[str], repeats: int, steps: int | None) -> dict:
+def run(sizes: list[str], repeats: int, steps: int | None, renderers: list[str]) -> dict:
     import torch
     from shopreel.cli import _inline_image_paths
-    from shopreel.pipelines.config import GenerateConfig, PipelineConfig
+    from shopreel.pipelines.config import GenerateConfig, PipelineConfig, RenderConfig
     from shopreel.pipelines.pipeline import ProductVideoPipeline
     from shopreel.pipelines.types import ProductBrief
 
-    pipeline = ProductVideoPipeline(PipelineConfig(generate=GenerateConfig(num_inference_steps=steps)))
     brief_data = _inline_image_paths(json.loads(EXAMPLE_BRIEF.read_text()), EXAMPLE_BRIEF.parent)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
+        for renderer, size in [(renderer, size) for renderer in renderers for size in sizes]:
+            pipeline = ProductVideoPipeline(
+                PipelineConfig(
+                    generate=GenerateConfig(num_inference_steps=steps),
+                    render=RenderConfig(backend=renderer),  # type: ignore[arg-type]
+                )
+            )
             brief = ProductBrief.model_validate({**brief_data, "size": size})
             pipeline.run(brief, output_path=Path(tmp) / "warmup.mp4")  # weights/allocator warm-up
             runs = []
@@ -48,6 +54,7 @@ def run(sizes: list[str], repeats: int, steps: int | None) -> dict:
             total = median([t.total_s for t in timings])
             rows.append(
                 {
+                    "renderer": f"{renderer}: {pipeline.renderer.backend_name}",
                     "size": size,
                     "shots": len(runs[0].storyboard.shots),
                     "frames": frames,
@@ -79,6 +86,7 @@ def run(sizes: list[str], repeats: int, steps: int | None) -> dict:
 
 def to_markdown(report: dict) -> str:
     columns = [
+        ("renderer", "renderer"),
         ("size", "size"),
         ("shots", "shots"),
         ("frames", "frames"),
@@ -113,9 +121,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128x128", "256x256"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    parser.add_argument("--renderers", nargs="+", default=["torch", "auto"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    report = run(args.sizes, args.repeats, args.steps)
+    report = run(args.sizes, args.repeats, args.steps, args.renderers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)

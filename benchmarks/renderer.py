@@ -21,8 +21,9 @@ import dataclasses
 import json
 import math
 import platform
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,34 +31,44 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class PeakRss:
-    """Peak resident set size above the value at start, sampled in a thread."""
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**10  # kB
+    raise OSError(f"no {field} in /proc/self/status")
 
-    def __init__(self) -> None:
-        import psutil
 
-        self.process = psutil.Process()
-        self.start = self.process.memory_info().rss
-        self.peak = self.start
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0) and return the resident size now, in MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
 
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
 
-    def __enter__(self) -> PeakRss:
-        self.thread.start()
-        return self
+def peak_rss_mib() -> float:
+    return _status_mib("VmHWM")
 
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
 
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.start) / 2**20
+def mid_size_vae() -> Any:
+    """Wan VAE, base_dim 32, dim_mult [1, 2, 4, 4] (~10M parameters), seeded: the same in every process."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=32,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae_by_name(name: str) -> Any:
+    from shopreel.pipelines.config import ModelConfig
+    from shopreel.pipelines.presets import load_vae
+
+    return load_vae(ModelConfig(device="cpu"))[0] if name == "tiny" else mid_size_vae()
 
 
 def generator_latents(model: Any, seeds: list[int], frames: int, size: int) -> list[Any]:
@@ -85,71 +96,84 @@ def generator_latents(model: Any, seeds: list[int], frames: int, size: int) -> l
     return clips
 
 
-def measure(backend: Any, clip: Any, reference_video: Any | None) -> dict[str, float]:
+def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """One backend on one shot, in this (fresh) process: ``spec`` names the VAE, backend, precision,
+    cache folder and the .pt files of the shot's latents and of the reference video."""
     import torch
-    from shopreel.pipelines.render_onnx import decode_clip, psnr_db
+    from shopreel.pipelines.render import TorchDecoderBackend
+    from shopreel.pipelines.render_onnx import OnnxDecoderBackend, decode_clip, psnr_db
 
-    decode_clip(backend, clip)  # warm-up (and the one-time export/load of a graph)
-    state = backend.new_state()
-    outputs, frame_s = [], []
-    with PeakRss() as memory:
+    torch.set_num_threads(spec["threads"])
+    clip = torch.load(spec["clip"])
+    vae = load_vae_by_name(spec["vae"])
+    device = torch.device("cpu")
+    baseline = reset_peak_rss()  # torch, the VAE and the latents are loaded: decoding adds the rest
+    if spec["backend"] == "torch":
+        backend: Any = TorchDecoderBackend(vae, device)
+    else:
+        backend = OnnxDecoderBackend(
+            vae, device, precision=spec["precision"], cache_dir=Path(spec["cache"]), min_psnr_db=-math.inf
+        )
+    decode_clip(backend, clip)  # warm-up (graphs load once per process)
+    runs = []
+    for _ in range(spec["repeats"]):
+        state, outputs, frame_s = backend.new_state(), [], []
         started = time.perf_counter()
         for index in range(clip.shape[2]):
             frame_started = time.perf_counter()
             outputs.append(backend.decode(state, clip[:, :, index : index + 1]).float().cpu())
             frame_s.append(time.perf_counter() - frame_started)
-            if index == 0:
-                first = time.perf_counter() - started
-        total = time.perf_counter() - started
-    steady = frame_s[2:] or frame_s
-    video = torch.cat(outputs, dim=2)
-    quality = math.inf if reference_video is None else psnr_db(reference_video, video)
+        runs.append((time.perf_counter() - started, frame_s, torch.cat(outputs, dim=2)))
+    total, frame_s, video = sorted(runs, key=lambda run: run[0])[len(runs) // 2]  # the median run
+    if spec.get("reference"):
+        quality: float | str = round(psnr_db(torch.load(spec["reference"]), video), 2)
+    else:
+        torch.save(video, spec["save_video"])
+        quality = "ref"
+    later = frame_s[2:] or frame_s
     return {
         "latent_frames_per_s": round(clip.shape[2] / total, 2),
-        "first_frame_ms": round(first * 1000, 1),
-        "total_s": round(total, 3),
-        # Latent frames 0-1 (torch in every row: Wan's cache warm-up) vs the mean of the rest.
+        "first_frame_ms": round(frame_s[0] * 1000, 1),
         "frames_0_1_ms": round(sum(frame_s[:2]) * 1000, 1),
-        "later_frame_ms": round(sum(steady) / len(steady) * 1000, 1),
-        "peak_rss_mib": round(memory.mib, 1),
-        "psnr_db": round(quality, 2) if math.isfinite(quality) else "ref",
-        "video": video,
+        "later_frame_ms": round(sum(later) / len(later) * 1000, 1),
+        "total_s": round(total, 3),
+        "peak_rss_mib": round(peak_rss_mib() - baseline, 1),
+        "psnr_db": quality,
     }
 
 
-def run(frames: int) -> dict[str, Any]:
+def run_row_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "shopreel.benchmarks.renderer", "--row", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"row {spec['vae']} {spec['backend']} {spec['precision']} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(frames: int, repeats: int) -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKLWan
     from shopreel.pipelines.config import ModelConfig
     from shopreel.pipelines.presets import load_model
-    from shopreel.pipelines.render import TorchDecoderBackend
-    from shopreel.pipelines.render_onnx import OnnxDecoderBackend, quantize_int8
+    from shopreel.pipelines.render_onnx import quantize_int8
 
     model = load_model(ModelConfig(device="cpu"))
-    torch.manual_seed(0)
-    mid_vae = (
-        AutoencoderKLWan(
-            base_dim=32,
-            z_dim=16,
-            dim_mult=[1, 2, 4, 4],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        )
-        .eval()
-        .requires_grad_(False)
-    )
-    cases = [("tiny", model.vae, 128), ("tiny", model.vae, 256), ("mid-10M", mid_vae, 128)]
+    cases = [("tiny", 128), ("tiny", 256), ("mid-10M", 128)]
     device = torch.device("cpu")
     rows: list[dict[str, Any]] = []
     recipes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as cache:
-        for name, vae, size in cases:
+        for name, size in cases:
+            vae = load_vae_by_name("tiny" if name == "tiny" else "mid")
             calibration = generator_latents(model, [1, 2, 3], frames, size)
-            clip = generator_latents(model, [21], frames, size)[0]
-            reference = TorchDecoderBackend(vae, device)
+            held_out = generator_latents(model, [31], frames, size)
+            clip_path = Path(cache) / f"clip-{name}-{size}.pt"
+            torch.save(generator_latents(model, [21], frames, size)[0], clip_path)
             # The production recipe (accuracy-driven fp32 fallback to reach the floor); where even that
             # is refused, the all-INT8 graph is measured anyway and marked refused.
-            held_out = generator_latents(model, [31], frames, size)
             report = quantize_int8(vae, device, calibration, held_out, cache_dir=Path(cache))
             refused = not report.accepted
             if refused:
@@ -161,30 +185,32 @@ def run(frames: int) -> dict[str, Any]:
                 for key, value in dataclasses.asdict(report).items()
                 if key not in ("model_path", "quantized_nodes", "fp32_nodes")
             } | {"int8_convs": len(report.quantized_nodes), "fp32_convs": len(report.fp32_nodes)}
-            backends = [
-                ("torch", "fp32", reference),
-                ("onnxruntime", "fp32", OnnxDecoderBackend(vae, device, cache_dir=Path(cache))),
-                (
-                    "onnxruntime",
-                    "int8",
-                    OnnxDecoderBackend(
-                        vae, device, precision="int8", cache_dir=Path(cache), min_psnr_db=-math.inf
-                    ),
-                ),
-            ]
-            reference_video = None
-            for backend_name, precision, backend in backends:
-                result = measure(backend, clip, reference_video)
-                if reference_video is None:
-                    reference_video = result["video"]
-                del result["video"]
+            reference_path = Path(cache) / f"reference-{name}-{size}.pt"
+            for backend_name, precision in (
+                ("torch", "fp32"),
+                ("onnxruntime", "fp32"),
+                ("onnxruntime", "int8"),
+            ):
+                spec = {
+                    "vae": "tiny" if name == "tiny" else "mid",
+                    "backend": backend_name,
+                    "precision": precision,
+                    "cache": cache,
+                    "clip": str(clip_path),
+                    "threads": torch.get_num_threads(),
+                    "repeats": repeats,
+                }
+                if backend_name == "torch":
+                    spec["save_video"] = str(reference_path)
+                else:
+                    spec["reference"] = str(reference_path)
                 rows.append(
                     {
                         "vae": name,
                         "size": f"{size}x{size}",
                         "backend": backend_name,
                         "precision": precision,
-                        **result,
+                        **run_row_in_subprocess(spec),
                         "status": "refused (< 35 dB)" if refused and precision == "int8" else "ok",
                     }
                 )
@@ -196,6 +222,7 @@ def run(frames: int) -> dict[str, Any]:
     return {
         "benchmark": "renderer",
         "latent_frames_per_shot": (frames - 1) // 4 + 1,
+        "repeats": repeats,
         "rows": rows,
         "int8_recipes": recipes,
         "machine": {
@@ -228,8 +255,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
         f"{report['machine']['torch_threads']} threads. {report['timestamp']}. The first two latent frames "
-        "of every shot decode in torch in all rows (Wan's cache warm-up): frames_0_1_ms is what that costs, "
-        "later_frame_ms the mean decode time of each later latent frame.",
+        "of a shot are special in Wan's decoder (empty caches): ONNX Runtime runs them as separate graphs, "
+        "kept fp32 in int8 rows. frames_0_1_ms is what they cost, later_frame_ms the mean of each later "
+        "frame. peak_rss_mib: the process's peak above its size with torch, the VAE and the latents loaded.",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
@@ -273,18 +301,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for offset, (backend, precision) in enumerate(variants):
         values = [
             next(
-                r["latent_frames_per_s"]
+                r["speedup_vs_torch"]
                 for r in rows
                 if (r["vae"], r["size"]) == group and (r["backend"], r["precision"]) == (backend, precision)
             )
             for group in groups
         ]
-        ax.bar(
+        bars = ax.bar(
             [i + offset * width for i in range(len(groups))], values, width, label=f"{backend} {precision}"
         )
+        ax.bar_label(bars, fmt="%.2fx", fontsize=7)
     ax.set_xticks([i + width for i in range(len(groups))], [f"{v} {s}" for v, s in groups])
-    ax.set_ylabel("latent frames / s")
-    ax.set_title("Streaming VAE decode on CPU")
+    ax.set_ylabel("latent frames/s vs torch fp32")
+    ax.set_title(f"Streaming VAE decode on CPU ({report['latent_frames_per_shot']} latent frames per shot)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -295,9 +324,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--frames", type=int, default=33, help="video frames per shot (4k+1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed decodes per row (the median is kept)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = parser.parse_args()
-    report = run(args.frames)
+    if args.row:
+        print(json.dumps(measure_row(json.loads(args.row))))
+        return
+    report = run(args.frames, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "renderer.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "renderer.md").write_text(to_markdown(report))

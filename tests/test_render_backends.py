@@ -74,12 +74,12 @@ def test_graph_is_cached_on_disk_and_keyed_by_weights_and_shape(tiny_model, tmp_
     backend = OnnxDecoderBackend(tiny_model.vae, tiny_model.device, cache_dir=tmp_path)
     decode_clip(backend, _latents(frames=3))
     files = sorted(tmp_path.glob("*.onnx"))
-    assert len(files) == 1
+    assert [f.name.split("-")[2] for f in files] == ["first", "second", "steady"]  # one graph per role
     again = OnnxDecoderBackend(tiny_model.vae, tiny_model.device, cache_dir=tmp_path)
     decode_clip(again, _latents(frames=3, seed=5))
     assert sorted(tmp_path.glob("*.onnx")) == files  # reused, not exported again
     decode_clip(again, _latents(frames=3, hw=(8, 16)))
-    assert len(list(tmp_path.glob("*.onnx"))) == 2  # another latent size, another graph
+    assert len(list(tmp_path.glob("*.onnx"))) == 6  # another latent size, other graphs
     weights = weights_digest(tiny_model.vae)
     assert cache_key(weights, (16, 16), "fp32") != cache_key(weights, (16, 16), "int8")
     import copy
@@ -135,25 +135,12 @@ def _generator_latents(model, seeds, frames=17, size=64):
     return clips
 
 
-def _mid_size_vae():
-    """The acceptance's mid-size Wan VAE (base_dim 32, dim_mult [1, 2, 4, 4]; ~10M parameters)."""
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=32,
-        z_dim=16,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )
-    return vae.eval().requires_grad_(False)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("vae_name", ["tiny", "mid-size"])
 def test_int8_meets_the_floor_and_serves_a_stream(tiny_model, tmp_path, vae_name):
-    vae = tiny_model.vae if vae_name == "tiny" else _mid_size_vae()
+    from shopreel.benchmarks.renderer import mid_size_vae
+
+    vae = tiny_model.vae if vae_name == "tiny" else mid_size_vae()
     calibration = _generator_latents(tiny_model, seeds=[1, 2, 3])
     held_out = _generator_latents(tiny_model, seeds=[11, 12])
     report = quantize_int8(vae, tiny_model.device, calibration, held_out, cache_dir=tmp_path)
@@ -168,6 +155,12 @@ def test_int8_meets_the_floor_and_serves_a_stream(tiny_model, tmp_path, vae_name
     got = _stream(renderer, held_out[1], "int8", chunk=2)
     expected = _stream(reference, held_out[1], "fp32", chunk=2)
     assert psnr_db(torch.from_numpy(expected) / 127.5 - 1, torch.from_numpy(got) / 127.5 - 1) >= 35.0
+    # A renderer with a stricter floor than the model was accepted at refuses to activate it.
+    strict = OnnxDecoderBackend(
+        vae, tiny_model.device, precision="int8", cache_dir=tmp_path, min_psnr_db=report.psnr_db + 0.5
+    )
+    with pytest.raises(ValueError, match="on held-out latents, floor"):
+        decode_clip(strict, held_out[0])
 
 
 @pytest.mark.slow
@@ -231,3 +224,19 @@ def test_cache_key_is_the_same_in_another_process(tiny_model):
         for env in ({**os.environ, "PYTHONHASHSEED": "1"}, {**os.environ, "PYTHONHASHSEED": "2"})
     }
     assert digests == {weights_digest(tiny_model.vae)}
+
+
+def test_every_latent_frame_runs_in_onnxruntime_once_built(tiny_model, monkeypatch):
+    """Frames 0 and 1 have their own graphs: after the one-time build and check, torch never runs."""
+    backend = OnnxDecoderBackend(tiny_model.vae, tiny_model.device)
+    expected = decode_clip(TorchDecoderBackend(tiny_model.vae, tiny_model.device), _latents(frames=5, seed=9))
+    backend.graphs_for((16, 16))
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the torch reference ran while serving")
+
+    monkeypatch.setattr(backend.reference, "decode", no_torch)
+    got = decode_clip(backend, _latents(frames=5, seed=9))
+    assert got.shape == expected.shape == (1, 3, 17, 128, 128)
+    assert (got - expected).abs().max() < 1e-4
+    assert backend.check_psnr_db[(16, 16)] > 100  # fp32 graphs: float rounding only
