@@ -373,6 +373,8 @@ class OnnxDecoderBackend:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # Idle ORT threads must not spin: on a shared CPU they would slow the generator beside us.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # As many threads as torch was given (a Serve replica sets that from its config).
+            options.intra_op_num_threads = torch.get_num_threads()
             sessions[role] = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
             paths[role] = path
             names[role] = [i.name for i in sessions[role].get_inputs()]
