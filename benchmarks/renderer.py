@@ -6,7 +6,8 @@ For the tiny preset's VAE at 128x128 and 256x256 and a mid-size Wan VAE (base_di
 [1, 2, 4, 4], ~10M parameters, seeded random weights) at 128x128: streaming decode of one shot of
 generator latents (the tiny generator's real output) with torch eager fp32, ONNX Runtime fp32 and
 ONNX Runtime static INT8 (``quantize_int8``'s recipe: calibrated on seeds 1-3, fp32 fallback layers
-chosen on them, accepted on held-out seed 31; the measured shot is seed 21). Columns: latent
+chosen on them, first/second steps INT8 when the chain keeps the floor, accepted on held-out seed
+31; the measured shot is seed 21). Columns: latent
 frames/s over the whole shot, time to the first frame, the torch warm-up frames' cost, peak resident
 memory above the start (psutil, sampled every 5 ms: includes the ONNX session), PSNR vs the torch
 reference. Where the recipe is refused, the all-INT8 graph is measured anyway and marked refused:
@@ -256,7 +257,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
         f"{report['machine']['torch_threads']} threads. {report['timestamp']}. The first two latent frames "
         "of a shot are special in Wan's decoder (empty caches): ONNX Runtime runs them as separate graphs, "
-        "kept fp32 in int8 rows. frames_0_1_ms is what they cost, later_frame_ms the mean of each later "
+        "INT8 in int8 rows only where the recipe kept them (int8_steps). frames_0_1_ms is what they cost, "
+        "later_frame_ms the mean of each later "
         "frame. peak_rss_mib: the process's peak above its size with torch, the VAE and the latents loaded.",
         "",
         "| " + " | ".join(keys) + " |",
@@ -273,6 +275,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "candidates_tried",
         "search_s",
         "speedup_vs_fp32",
+        "int8_steps",
     ]
     lines += [
         "",
@@ -283,7 +286,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * (len(recipe_keys) + 1),
     ]
     for case, recipe in report["int8_recipes"].items():
-        lines.append(f"| {case} | " + " | ".join(str(recipe[key]) for key in recipe_keys) + " |")
+        values = [recipe.get(key) for key in recipe_keys]
+        cells = [", ".join(v) if isinstance(v, list | tuple) else str(v) for v in values]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

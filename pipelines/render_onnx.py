@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import warnings
@@ -204,6 +205,7 @@ class _OnnxDecodeState:
     caches: list[np.ndarray] = field(default_factory=list)
     latent_frames_done: int = 0
     recorder: list[dict[str, np.ndarray]] | None = None  # calibration: feeds of the steady graph
+    head_recorder: dict[str, list[dict[str, np.ndarray]]] | None = None  # ... and of first/second
 
 
 class OnnxDecoderBackend:
@@ -247,10 +249,11 @@ class OnnxDecoderBackend:
         }
         return {
             "backend": self.name,
-            "precision": self.precision,  # of the steady-state step; the first two steps stay fp32
+            "precision": self.precision,  # of the steady-state step (see int8_steps_by_latent_size)
             "device": str(self.device),
             "providers": self.providers,
             "graphs_by_latent_size": graphs,  # "torch": that size failed its check and decodes in torch
+            "int8_steps_by_latent_size": {f"{h}x{w}": self.int8_roles((h, w)) for h, w in self._graphs},
             "fallback_reason": self.fallback_reason,
         }
 
@@ -282,6 +285,10 @@ class OnnxDecoderBackend:
         }
         if state.recorder is not None and role == "steady":
             state.recorder.append({name: value.copy() for name, value in feeds.items()})
+        if state.head_recorder is not None and role != "steady":
+            state.head_recorder.setdefault(role, []).append(
+                {name: value.copy() for name, value in feeds.items()}
+            )
         video, *state.caches = graphs.sessions[role].run(None, feeds)
         state.latent_frames_done += 1
         return torch.from_numpy(video)
@@ -356,8 +363,11 @@ class OnnxDecoderBackend:
 
         sessions, paths, names = {}, {}, {}
         for role in ROLES:
-            # Only the steady step (all frames but two) is quantised; the first two stay fp32.
-            precision = self.precision if role == "steady" else "fp32"
+            # The steady step (all frames but two) is what INT8 is about; quantize_int8 also leaves INT8
+            # first/second steps when they keep the floor, else those stay fp32.
+            precision = self.precision
+            if role != "steady" and not self.model_path(latent_hw, precision, role).is_file():
+                precision = "fp32"
             path = self.model_path(latent_hw, precision, role)
             if not path.is_file():
                 if precision == "int8":
@@ -367,7 +377,7 @@ class OnnxDecoderBackend:
                         "pipelines.render_onnx.quantize_int8)"
                     )
                 self._export(trace, role, path)
-            if precision == "int8":
+            if precision == "int8" and role == "steady":  # its report covers the INT8 chain it came with
                 self._check_int8_report(path)
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -382,6 +392,14 @@ class OnnxDecoderBackend:
             "onnxruntime renderer %s on %s: %s", self.precision, sessions["steady"].get_providers()[0], paths
         )
         return _Graphs(sessions=sessions, paths=paths, input_names=names)
+
+    def int8_roles(self, latent_hw: tuple[int, int]) -> list[str]:
+        graphs = self._graphs.get(latent_hw)
+        return (
+            []
+            if graphs is None
+            else [role for role in ROLES if graphs.paths[role].name.endswith(".int8.onnx")]
+        )
 
     def _check_int8_report(self, path: Path) -> None:
         """A quantised step is judged on the held-out generator latents it was accepted on (probe noise
@@ -464,6 +482,10 @@ class FidelityReport:
     # Whole held-out clips (torch warm-up frames included) on this machine: INT8 / ONNX fp32 time.
     # Fidelity decides acceptance; this says whether INT8 is worth activating here at all.
     speedup_vs_fp32: float | None = None
+    int8_steps: tuple[str, ...] = ("steady",)  # which of first/second/steady run INT8
+    # Worst calibration clip with the first two steps INT8 too (None: not tried); they stay fp32 below
+    # the floor plus margin.
+    int8_first_steps_psnr_db: float | None = None
 
 
 def decode_clip(backend: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -483,8 +505,30 @@ def psnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 @dataclass
 class _CalibrationClip:
     feeds: list[dict[str, np.ndarray]]  # what the fp32 graph was fed, step by step
-    warmup: list[torch.Tensor]  # the torch reference's first frames: the same in every candidate
+    warmup: list[torch.Tensor]  # the fp32 first/second steps' frames: the same in every candidate
     expected: torch.Tensor  # the whole clip decoded in fp32
+    latents: torch.Tensor  # the clip itself, for scoring whole chains from latent frame 0
+
+
+def _chain_psnr(sessions: dict[str, Any], clip: _CalibrationClip) -> float:
+    """PSNR of a chain of first/second/steady sessions over a whole calibration clip, from empty caches."""
+    caches: list[np.ndarray] = []
+    outputs = []
+    for index in range(clip.latents.shape[2]):
+        session = sessions[_role(index)]
+        names = [i.name for i in session.get_inputs()]
+        frame = clip.latents[:, :, index : index + 1].float().numpy()
+        video, *caches = session.run(None, {"latents": frame, **dict(zip(names[1:], caches, strict=True))})
+        outputs.append(torch.from_numpy(video))
+    return psnr_db(clip.expected, torch.cat(outputs, dim=2))
+
+
+def _basic_session(path: Path, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 def _closed_loop_psnr(session: Any, clip: _CalibrationClip) -> float:
@@ -607,6 +651,51 @@ def _choose_fallback(
     return ranked[:high], scores[high]
 
 
+def _quantize_heads(
+    fp32: OnnxDecoderBackend,
+    latent_hw: tuple[int, int],
+    head_feeds: dict[str, list[dict[str, np.ndarray]]],
+    clips: Sequence[_CalibrationClip],
+    fp32_nodes: Sequence[str],
+    steady_path: Path,
+    workdir: Path,
+    steady_builder: _Int8Builder,
+    target_db: float,
+) -> tuple[list[str], float | None]:
+    """INT8 first/second steps (the same Convs fp32 as the steady one), kept in the cache folder only
+    if the whole INT8 chain still reaches ``target_db`` on the calibration clips; returns their roles."""
+    for role in ("first", "second"):  # a stale pair from an earlier calibration must not stay behind
+        fp32.model_path(latent_hw, "int8", role).unlink(missing_ok=True)
+    if set(head_feeds) != {"first", "second"}:
+        return [], None
+    sessions = {"steady": _basic_session(steady_path, fp32.providers)}
+    built: dict[str, Path] = {}
+    for role in ("first", "second"):
+        (workdir / role).mkdir()
+        builder = _Int8Builder(
+            fp32.model_path(latent_hw, "fp32", role),
+            head_feeds[role],
+            steady_builder.method,
+            steady_builder.options,
+            workdir / role,
+            fp32.providers,
+        )
+        built[role] = workdir / role / "int8.onnx"
+        builder.build(built[role], fp32_nodes)
+        sessions[role] = _basic_session(built[role], fp32.providers)
+    quality = min(_chain_psnr(sessions, clip) for clip in clips)
+    if quality < target_db:
+        logger.info("INT8 first/second steps stay fp32: %.1f dB < %.1f dB", quality, target_db)
+        return [], quality
+    for role, path in built.items():
+        target = fp32.model_path(latent_hw, "int8", role)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        shutil.copyfile(path, temp_name)
+        os.replace(temp_name, target)
+    return list(built), quality
+
+
 def quantize_int8(
     vae: Any,
     device: torch.device,
@@ -639,15 +728,16 @@ def quantize_int8(
     started = time.perf_counter()
     fp32 = OnnxDecoderBackend(vae, device, precision="fp32", cache_dir=cache_dir)
     clips: list[_CalibrationClip] = []
+    head_feeds: dict[str, list[dict[str, np.ndarray]]] = {}
     latent_hw: tuple[int, int] | None = None
     for clip in calibration:
         latent_hw = (clip.shape[3], clip.shape[4])
         state = fp32.new_state()
-        state.recorder = []
+        state.recorder, state.head_recorder = [], head_feeds
         frames = [fp32.decode(state, clip[:, :, i : i + 1]) for i in range(clip.shape[2])]
         if state.recorder:
             warmup = frames[: clip.shape[2] - len(state.recorder)]
-            clips.append(_CalibrationClip(state.recorder, warmup, torch.cat(frames, dim=2)))
+            clips.append(_CalibrationClip(state.recorder, warmup, torch.cat(frames, dim=2), clip))
     if not clips or latent_hw is None:
         raise ValueError("calibration needs latents with more than 2 latent frames")
 
@@ -670,6 +760,17 @@ def quantize_int8(
                 fallback = [node for node in fp32_nodes if node not in FP32_NODES]
                 calibration_psnr = builder.score(fallback, clips)
             builder.build(Path(temp_name), fallback)
+            heads, heads_psnr = _quantize_heads(
+                fp32,
+                latent_hw,
+                head_feeds,
+                clips,
+                fallback,
+                Path(temp_name),
+                Path(workdir),
+                builder,
+                min_psnr_db + margin_db,
+            )
         search_s = time.perf_counter() - started
         # The candidate's own one-frame check is disabled: the held-out clips below are the real test.
         candidate = OnnxDecoderBackend(
@@ -678,6 +779,8 @@ def quantize_int8(
         os.replace(temp_name, int8_path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
+        for role in ("first", "second"):
+            fp32.model_path(latent_hw, "int8", role).unlink(missing_ok=True)
         raise
     reference = TorchDecoderBackend(vae, device)
     psnrs, max_error, seconds = [], 0.0, {"int8": 0.0, "fp32": 0.0}
@@ -707,6 +810,8 @@ def quantize_int8(
         candidates_tried=builder.tried,
         search_s=round(search_s, 1),
         speedup_vs_fp32=round(seconds["fp32"] / seconds["int8"], 2),
+        int8_steps=(*heads, "steady"),
+        int8_first_steps_psnr_db=None if heads_psnr is None else round(heads_psnr, 2),
     )
     logger.info(
         "INT8 recipe: %s calibration, %d Convs INT8, %d fp32 (%d by fallback), %.1f dB on calibration clips",
@@ -719,6 +824,8 @@ def quantize_int8(
     if not report.accepted:  # never leave a model below the floor where a renderer would load it
         int8_path.unlink(missing_ok=True)
         fidelity_path(int8_path).unlink(missing_ok=True)
+        for role in ("first", "second"):
+            fp32.model_path(latent_hw, "int8", role).unlink(missing_ok=True)
         logger.warning("INT8 decoder refused: %.1f dB < floor %.1f dB", report.psnr_db, min_psnr_db)
     else:  # what a renderer checks against its own floor before it activates the model
         fidelity_path(int8_path).write_text(json.dumps(dataclasses.asdict(report), indent=2))
