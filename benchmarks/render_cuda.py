@@ -2,7 +2,10 @@
 and with --compile bf16 with ``torch.compile`` (the torch backend's ``torch_compile`` option; that row
 has not run on a GPU yet: no GPU was lent when it was added).
 
-    python -m shopreel.benchmarks.render_cuda [--latent-frames 21] [--size 832x480] [--compile]
+    python -m shopreel.benchmarks.render_cuda [--latent-frames 21] [--size 832x480] [--compile] [--tensorrt]
+
+--tensorrt adds a TensorRT fp16 row (``pipelines/render_tensorrt.py``): never run, TensorRT cannot be
+installed on this project's machines.
 
 The VAE has Wan 2.1's own configuration (base_dim 96, dim_mult [1, 2, 4, 4]) with seeded random
 weights: speed and memory are those of the real model; fidelity (bf16 vs fp32 PSNR) is measured on
@@ -28,7 +31,7 @@ def psnr(reference, other) -> float:  # both in [-1, 1]
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def run(latent_frames: int, width: int, height: int, compile: bool = False) -> dict:
+def run(latent_frames: int, width: int, height: int, compile: bool = False, tensorrt: bool = False) -> dict:
     import torch
     from diffusers import AutoencoderKLWan
     from shopreel.pipelines.render import TorchDecoderBackend
@@ -90,6 +93,31 @@ def run(latent_frames: int, width: int, height: int, compile: bool = False) -> d
                     "psnr_vs_fp32_db": round(psnr(reference, video), 2),
                 }
             )
+    if tensorrt:  # UNTESTED: TensorRT could never be installed where this was written
+        import tempfile
+
+        from shopreel.pipelines.render_tensorrt import TensorRTDecoderBackend
+
+        with tempfile.TemporaryDirectory() as cache, torch.no_grad():
+            warm_started = time.perf_counter()  # export, engine build, fidelity check, first shot
+            backend = TensorRTDecoderBackend(
+                vae.to(dtype=torch.float32), device, precision="fp16", cache_dir=Path(cache)
+            )
+            stream(torch.float32, backend)
+            warm_up_s = time.perf_counter() - warm_started
+            video, first, total, peak = stream(torch.float32, backend)
+        rows.append(
+            {
+                "precision": "fp16 (TensorRT, untested path)",
+                "warm_up_s": round(warm_up_s, 1),
+                "latent_frames_per_s": round(latent_frames / total, 2),
+                "pixel_frames_per_s": round(video.shape[2] / total, 1),
+                "first_frame_s": round(first, 4),
+                "total_s": round(total, 3),
+                "peak_memory_gib": round(peak / 2**30, 2),
+                "psnr_vs_fp32_db": round(psnr(reference, video), 2),
+            }
+        )
     speedup = rows[0]["total_s"] / rows[1]["total_s"]
     compile_speedup = rows[1]["total_s"] / rows[2]["total_s"] if compile else None
     return {
@@ -141,6 +169,7 @@ def main() -> None:
     parser.add_argument("--latent-frames", type=int, default=21, help="21 latent frames = 81 video frames")
     parser.add_argument("--size", default="832x480")
     parser.add_argument("--compile", action="store_true", help="add a bf16 torch.compile row")
+    parser.add_argument("--tensorrt", action="store_true", help="add a TensorRT fp16 row (needs tensorrt)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     import torch
@@ -148,7 +177,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("render_cuda: needs a CUDA GPU (none found)")
     width, height = (int(v) for v in args.size.split("x"))
-    report = run(args.latent_frames, width, height, compile=args.compile)
+    report = run(args.latent_frames, width, height, compile=args.compile, tensorrt=args.tensorrt)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "render_cuda.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)

@@ -136,7 +136,9 @@ def _onnxruntime_backend(vae, device: torch.device, config: RenderConfig) -> Dec
 def _tensorrt_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBackend:
     from .render_tensorrt import TensorRTDecoderBackend
 
-    return TensorRTDecoderBackend(vae, device, precision=config.precision, cache_dir=config.cache_dir)
+    return TensorRTDecoderBackend(
+        vae, device, precision=config.precision, cache_dir=config.cache_dir, min_psnr_db=config.min_psnr_db
+    )
 
 
 BACKENDS: dict[str, BackendFactory] = {

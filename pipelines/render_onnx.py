@@ -223,17 +223,13 @@ class OnnxDecoderBackend:
         min_psnr_db: float = 35.0,
         fallback_to_torch: bool = False,
     ) -> None:
-        unusable = onnxruntime_unusable_reason(vae, device)
-        if unusable is not None:
-            raise ValueError(f"renderer backend 'onnxruntime' cannot run here: {unusable}")
-        if precision not in ("fp32", "int8"):
-            raise ValueError(f"onnxruntime renderer supports precision fp32 or int8, not {precision!r}")
+        self._check_usable(vae, device, precision)
         self.vae = vae
         self.device = device
         self.precision = precision
         self.reference = TorchDecoderBackend(vae, device)
         self.cache_dir = cache_dir or default_cache_dir()
-        self.providers = execution_providers(device)
+        self.providers = execution_providers(device) if onnxruntime_available() else []
         self.weights = weights_digest(vae)
         self.min_psnr_db = min_psnr_db
         self.fallback_to_torch = fallback_to_torch  # "auto": graphs that fail to build or check -> torch
@@ -241,6 +237,13 @@ class OnnxDecoderBackend:
         self.check_psnr_db: dict[tuple[int, int], float] = {}
         self._graphs: dict[tuple[int, int], _Graphs | None] = {}
         self._lock = threading.Lock()
+
+    def _check_usable(self, vae: Any, device: torch.device, precision: str) -> None:
+        unusable = onnxruntime_unusable_reason(vae, device)
+        if unusable is not None:
+            raise ValueError(f"renderer backend 'onnxruntime' cannot run here: {unusable}")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"onnxruntime renderer supports precision fp32 or int8, not {precision!r}")
 
     def describe(self) -> dict[str, object]:
         graphs = {
@@ -359,8 +362,6 @@ class OnnxDecoderBackend:
         return self.cache_dir / f"wan-decode-{role}-{key}.{precision}.onnx"
 
     def _load_or_export(self, trace: _Trace, latent_hw: tuple[int, int]) -> _Graphs:
-        import onnxruntime as ort
-
         sessions, paths, names = {}, {}, {}
         for role in ROLES:
             # The steady step (all frames but two) is what INT8 is about; quantize_int8 also leaves INT8
@@ -379,19 +380,23 @@ class OnnxDecoderBackend:
                 self._export(trace, role, path)
             if precision == "int8" and role == "steady":  # its report covers the INT8 chain it came with
                 self._check_int8_report(path)
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Idle ORT threads must not spin: on a shared CPU they would slow the generator beside us.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            # As many threads as torch was given (a Serve replica sets that from its config).
-            options.intra_op_num_threads = torch.get_num_threads()
-            sessions[role] = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            sessions[role], names[role] = self._open(path)
             paths[role] = path
-            names[role] = [i.name for i in sessions[role].get_inputs()]
-        logger.info(
-            "onnxruntime renderer %s on %s: %s", self.precision, sessions["steady"].get_providers()[0], paths
-        )
+        logger.info("%s renderer %s (%s): %s", self.name, self.precision, self.providers, paths)
         return _Graphs(sessions=sessions, paths=paths, input_names=names)
+
+    def _open(self, path: Path) -> tuple[Any, list[str]]:
+        """A runnable step for one exported graph and its input names."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads must not spin: on a shared CPU they would slow the generator beside us.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # As many threads as torch was given (a Serve replica sets that from its config).
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        return session, [i.name for i in session.get_inputs()]
 
     def int8_roles(self, latent_hw: tuple[int, int]) -> list[str]:
         graphs = self._graphs.get(latent_hw)
@@ -498,7 +503,7 @@ def decode_clip(backend: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def psnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     """PSNR of videos in [-1, 1] (peak-to-peak 2)."""
-    mse = float(((reference.float() - other.float()) ** 2).mean())
+    mse = float(((reference.float().cpu() - other.float().cpu()) ** 2).mean())
     return math.inf if mse == 0 else 10.0 * math.log10(4.0 / mse)
 
 
