@@ -31,6 +31,20 @@ def psnr(reference, other) -> float:  # both in [-1, 1]
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
+def _row(label: str, warm_up_s: float, video, first: float, total: float, peak: int, reference) -> dict:
+    latent_frames = (video.shape[2] - 1) // 4 + 1
+    return {
+        "precision": label,
+        "warm_up_s": round(warm_up_s, 1),
+        "latent_frames_per_s": round(latent_frames / total, 2),
+        "pixel_frames_per_s": round(video.shape[2] / total, 1),
+        "first_frame_s": round(first, 4),
+        "total_s": round(total, 3),
+        "peak_memory_gib": round(peak / 2**30, 2),
+        "psnr_vs_fp32_db": round(psnr(reference, video), 2),
+    }
+
+
 def run(latent_frames: int, width: int, height: int, compile: bool = False, tensorrt: bool = False) -> dict:
     import torch
     from diffusers import AutoencoderKLWan
@@ -81,18 +95,8 @@ def run(latent_frames: int, width: int, height: int, compile: bool = False, tens
             video, first, total, peak = stream(dtype, backend)
             if reference is None:
                 reference = video
-            rows.append(
-                {
-                    "precision": dtype_name + (" + torch.compile" if compiled else ""),
-                    "warm_up_s": round(warm_up_s, 1),
-                    "latent_frames_per_s": round(latent_frames / total, 2),
-                    "pixel_frames_per_s": round(video.shape[2] / total, 1),
-                    "first_frame_s": round(first, 4),
-                    "total_s": round(total, 3),
-                    "peak_memory_gib": round(peak / 2**30, 2),
-                    "psnr_vs_fp32_db": round(psnr(reference, video), 2),
-                }
-            )
+            label = dtype_name + (" + torch.compile" if compiled else "")
+            rows.append(_row(label, warm_up_s, video, first, total, peak, reference))
     if tensorrt:  # UNTESTED: TensorRT could never be installed where this was written
         import tempfile
 
@@ -106,18 +110,7 @@ def run(latent_frames: int, width: int, height: int, compile: bool = False, tens
             stream(torch.float32, backend)
             warm_up_s = time.perf_counter() - warm_started
             video, first, total, peak = stream(torch.float32, backend)
-        rows.append(
-            {
-                "precision": "fp16 (TensorRT, untested path)",
-                "warm_up_s": round(warm_up_s, 1),
-                "latent_frames_per_s": round(latent_frames / total, 2),
-                "pixel_frames_per_s": round(video.shape[2] / total, 1),
-                "first_frame_s": round(first, 4),
-                "total_s": round(total, 3),
-                "peak_memory_gib": round(peak / 2**30, 2),
-                "psnr_vs_fp32_db": round(psnr(reference, video), 2),
-            }
-        )
+        rows.append(_row("fp16 (TensorRT, untested path)", warm_up_s, video, first, total, peak, reference))
     speedup = rows[0]["total_s"] / rows[1]["total_s"]
     compile_speedup = rows[1]["total_s"] / rows[2]["total_s"] if compile else None
     return {
