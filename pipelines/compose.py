@@ -101,8 +101,12 @@ class Compositor:
     ) -> CompositionSession:
         """Check everything about the request up front (audio file, font), then start the muxer."""
         return CompositionSession(
-            storyboard, self.config, request_id=request_id, product_images=list(product_images),
-            audio=audio, seed=seed,
+            storyboard,
+            self.config,
+            request_id=request_id,
+            product_images=list(product_images),
+            audio=audio,
+            seed=seed,
         )
 
 
@@ -155,7 +159,10 @@ class CompositionSession:
 
         self.sink = _FragmentSink()
         self.container: Any = av.open(
-            self.sink, mode="w", format="mp4", buffer_size=64 * 1024,
+            self.sink,
+            mode="w",
+            format="mp4",
+            buffer_size=64 * 1024,
             options={**MUXER_OPTIONS, "movflags": STREAM_MOVFLAGS},
         )
         self.container.metadata.update(self._metadata())
@@ -353,9 +360,15 @@ class CompositionSession:
         fd, temp_name = tempfile.mkstemp(prefix=f".{mp4_path.name}.", suffix=".part", dir=mp4_path.parent)
         os.close(fd)
         try:
-            with av.open(self.sink.spool, mode="r", format="mp4") as source, av.open(
-                temp_name, mode="w", format="mp4", options={**MUXER_OPTIONS, "movflags": DOWNLOAD_MOVFLAGS}
-            ) as target:
+            with (
+                av.open(self.sink.spool, mode="r", format="mp4") as source,
+                av.open(
+                    temp_name,
+                    mode="w",
+                    format="mp4",
+                    options={**MUXER_OPTIONS, "movflags": DOWNLOAD_MOVFLAGS},
+                ) as target,
+            ):
                 target.metadata.update(self._metadata())
                 streams = {stream.index: target.add_stream_from_template(stream) for stream in source.streams}
                 for packet in source.demux():

@@ -156,15 +156,30 @@ class OverlayPainter:
         y = bottom
         if self.storyboard.cta_text:
             font = self.font(0.06)
-            y = self._centred_pill(draw, self.storyboard.cta_text, font, bottom=y, fill=(255, 255, 255, 235),
-                                   text_fill=accent)
+            y = self._centred_pill(
+                draw, self.storyboard.cta_text, font, bottom=y, fill=(255, 255, 255, 235), text_fill=accent
+            )
             y -= self.margin
         if self.storyboard.price_text:
-            self._centred_pill(draw, self.storyboard.price_text, self.font(0.12, minimum=10), bottom=y,
-                               fill=accent, text_fill=WHITE)
+            self._centred_pill(
+                draw,
+                self.storyboard.price_text,
+                self.font(0.12, minimum=10),
+                bottom=y,
+                fill=accent,
+                text_fill=WHITE,
+            )
 
-    def _centred_pill(self, draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, *,
-                      bottom: int, fill: tuple[int, ...], text_fill: tuple[int, ...]) -> int:
+    def _centred_pill(
+        self,
+        draw: ImageDraw.ImageDraw,
+        text: str,
+        font: ImageFont.FreeTypeFont,
+        *,
+        bottom: int,
+        fill: tuple[int, ...],
+        text_fill: tuple[int, ...],
+    ) -> int:
         """Text in a rounded box centred horizontally, ending at ``bottom``; returns the box's top."""
         left, top, right, text_bottom = _text_box(draw, text, font)
         pad = max(1, int(font.size) // 4)

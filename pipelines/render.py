@@ -116,7 +116,7 @@ class TorchDecoderBackend:
 BackendFactory = Callable[[object, torch.device, RenderConfig], DecoderBackend]
 
 
-def _torch_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBackend:
+def _torch_backend(vae, device: torch.device, config: RenderConfig) -> TorchDecoderBackend:
     if config.precision != "fp32":
         raise ValueError(
             "the torch renderer decodes in the VAE's own dtype: set model.vae_dtype (float32, bfloat16, "
@@ -125,11 +125,18 @@ def _torch_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBa
     return TorchDecoderBackend(vae, device, compile=config.torch_compile)
 
 
-def _onnxruntime_backend(vae, device: torch.device, config: RenderConfig) -> DecoderBackend:
+def _onnxruntime_backend(
+    vae, device: torch.device, config: RenderConfig, *, fallback_to_torch: bool = False
+) -> DecoderBackend:
     from .render_onnx import OnnxDecoderBackend
 
     return OnnxDecoderBackend(
-        vae, device, precision=config.precision, cache_dir=config.cache_dir, min_psnr_db=config.min_psnr_db
+        vae,
+        device,
+        precision=config.precision,
+        cache_dir=config.cache_dir,
+        min_psnr_db=config.min_psnr_db,
+        fallback_to_torch=fallback_to_torch,
     )
 
 
@@ -153,20 +160,12 @@ def build_backend(name: str, vae, device: torch.device, config: RenderConfig | N
     itself against torch on first use of each size and falls back to torch there), else torch."""
     config = (config or RenderConfig()).model_copy(update={"backend": name})
     if name == "auto":
-        from .render_onnx import OnnxDecoderBackend, onnxruntime_unusable_reason
+        from .render_onnx import onnxruntime_unusable_reason
 
         reason = onnxruntime_unusable_reason(vae, device)
         if reason is None:
-            return OnnxDecoderBackend(
-                vae,
-                device,
-                precision=config.precision,
-                cache_dir=config.cache_dir,
-                min_psnr_db=config.min_psnr_db,
-                fallback_to_torch=True,
-            )
-        _torch_backend(vae, device, config)  # the same precision check as asking for torch
-        backend = TorchDecoderBackend(vae, device)
+            return _onnxruntime_backend(vae, device, config, fallback_to_torch=True)
+        backend = _torch_backend(vae, device, config)
         backend.fallback_reason = reason
         return backend
     if name not in BACKENDS:

@@ -28,7 +28,8 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,20 @@ FP32_NODES = ("/post_quant_conv/Conv", "/decoder/conv_in/Conv", "/decoder/conv_o
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SHOPREEL_CACHE_DIR", Path.home() / ".cache" / "shopreel")) / "onnx"
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A temporary file beside ``target`` that replaces it only if the block succeeds, so a concurrent
+    process never loads a half-written graph or engine."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+        os.replace(name, target)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def onnxruntime_available() -> bool:
@@ -436,25 +451,17 @@ class OnnxDecoderBackend:
         example = torch.zeros(1, self.vae.config.z_dim, 1, *trace.latents.shape[3:])
         names = ["latents", *(f"cache_{slot}" for slot in step.slots_in)]
         outputs = ["video", *(f"next_cache_{slot}" for slot in step.slots_out)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # tracer warnings about the decoder's Python branches
-                torch.onnx.export(
-                    step,
-                    (example, *caches),
-                    temp_name,
-                    input_names=names,
-                    output_names=outputs,
-                    opset_version=ONNX_OPSET,
-                    dynamo=False,
-                )
-            os.replace(temp_name, path)  # a concurrent process never loads a half-written graph
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as temp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about the decoder's Python branches
+            torch.onnx.export(
+                step,
+                (example, *caches),
+                str(temp),
+                input_names=names,
+                output_names=outputs,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
         logger.info("exported the %s decode step to %s", role, path)
 
 
@@ -529,6 +536,8 @@ def _chain_psnr(sessions: dict[str, Any], clip: _CalibrationClip) -> float:
 
 
 def _basic_session(path: Path, providers: list[str]) -> Any:
+    """Unfused QDQ for scoring candidates: the same rounding as the int8 kernels to well under a dB,
+    and no fusion cost."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -615,15 +624,10 @@ class _Int8Builder:
 
     def score(self, fp32_nodes: Sequence[str], clips: Sequence[_CalibrationClip]) -> float:
         """Worst closed-loop PSNR over ``clips`` of the graph with ``fp32_nodes`` kept fp32."""
-        import onnxruntime as ort
-
         path = self.workdir / "candidate.onnx"
         self.build(path, fp32_nodes)
         self.tried += 1
-        options = ort.SessionOptions()
-        # Unfused QDQ: the same rounding as the int8 kernels to well under a dB, and no fusion cost.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        session = _basic_session(path, self.providers)
         return min(_closed_loop_psnr(session, clip) for clip in clips)
 
 
@@ -693,11 +697,8 @@ def _quantize_heads(
         logger.info("INT8 first/second steps stay fp32: %.1f dB < %.1f dB", quality, target_db)
         return [], quality
     for role, path in built.items():
-        target = fp32.model_path(latent_hw, "int8", role)
-        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        os.close(fd)
-        shutil.copyfile(path, temp_name)
-        os.replace(temp_name, target)
+        with atomic_path(fp32.model_path(latent_hw, "int8", role)) as temp:
+            shutil.copyfile(path, temp)
     return list(built), quality
 
 
@@ -747,10 +748,8 @@ def quantize_int8(
         raise ValueError("calibration needs latents with more than 2 latent frames")
 
     int8_path = fp32.model_path(latent_hw, "int8")
-    fd, temp_name = tempfile.mkstemp(prefix=f".{int8_path.name}.", suffix=".part", dir=int8_path.parent)
-    os.close(fd)
     try:
-        with tempfile.TemporaryDirectory(prefix="shopreel-int8-") as workdir:
+        with atomic_path(int8_path) as temp, tempfile.TemporaryDirectory(prefix="shopreel-int8-") as workdir:
             builder = _Int8Builder(
                 fp32.model_path(latent_hw),
                 [feed for clip in clips for feed in clip.feeds],
@@ -764,29 +763,25 @@ def quantize_int8(
             else:
                 fallback = [node for node in fp32_nodes if node not in FP32_NODES]
                 calibration_psnr = builder.score(fallback, clips)
-            builder.build(Path(temp_name), fallback)
+            builder.build(temp, fallback)
             heads, heads_psnr = _quantize_heads(
                 fp32,
                 latent_hw,
                 head_feeds,
                 clips,
                 fallback,
-                Path(temp_name),
+                temp,
                 Path(workdir),
                 builder,
                 min_psnr_db + margin_db,
             )
         search_s = time.perf_counter() - started
-        # The candidate's own one-frame check is disabled: the held-out clips below are the real test.
-        candidate = OnnxDecoderBackend(
-            vae, device, precision="int8", cache_dir=cache_dir, min_psnr_db=-math.inf
-        )
-        os.replace(temp_name, int8_path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
         for role in ("first", "second"):
             fp32.model_path(latent_hw, "int8", role).unlink(missing_ok=True)
         raise
+    # The candidate's own check is disabled: the held-out clips below are the real test.
+    candidate = OnnxDecoderBackend(vae, device, precision="int8", cache_dir=cache_dir, min_psnr_db=-math.inf)
     reference = TorchDecoderBackend(vae, device)
     psnrs, max_error, seconds = [], 0.0, {"int8": 0.0, "fp32": 0.0}
     decode_clip(candidate, held_out[0][:, :, :3])  # load the session outside the timing

@@ -21,14 +21,12 @@ onnxruntime INT8 model uses unsigned activations, which TensorRT rejects, so the
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .render_onnx import OnnxDecoderBackend, _Graphs, _OnnxDecodeState, _role
+from .render_onnx import OnnxDecoderBackend, _Graphs, _OnnxDecodeState, _role, atomic_path
 
 INSTALL_HINT = (
     "TensorRT is not installed: pip install tensorrt (it downloads from NVIDIA's package index), "
@@ -152,10 +150,8 @@ class TensorRTDecoderBackend(OnnxDecoderBackend):
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ValueError(f"TensorRT could not build an engine from {onnx_path.name}")
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(bytes(serialized))
-        os.replace(temp_name, path)
+        with atomic_path(path) as temp:
+            temp.write_bytes(bytes(serialized))
         return runtime.deserialize_cuda_engine(bytes(serialized))
 
     def _step(self, state: _OnnxDecodeState, graphs: _Graphs, frame: torch.Tensor) -> torch.Tensor:
