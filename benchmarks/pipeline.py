@@ -24,6 +24,7 @@ EXAMPLE_BRIEF = Path(__file__).resolve().parents[1] / "examples" / "brief_en.jso
 
 def run(sizes: list[str], repeats: int, steps: int | None, renderers: list[str]) -> dict:
     import torch
+
     from shopreel.cli import _inline_image_paths
     from shopreel.pipelines.config import GenerateConfig, PipelineConfig, RenderConfig
     from shopreel.pipelines.pipeline import ProductVideoPipeline

@@ -1,11 +1,11 @@
 """Streaming VAE decode on a CUDA GPU at 480p: the Wan 2.1 VAE architecture, fp32 vs bf16 (torch),
-and with --compile bf16 with ``torch.compile`` (the torch backend's ``torch_compile`` option; that row
-has not run on a GPU yet: no GPU was lent when it was added).
+and with --compile bf16 with ``torch.compile`` (the torch backend's ``torch_compile`` option;
+experimental: no published figures for that row yet).
 
     python -m shopreel.benchmarks.render_cuda [--latent-frames 21] [--size 832x480] [--compile] [--tensorrt]
 
---tensorrt adds a TensorRT fp16 row (``pipelines/render_tensorrt.py``): never run, TensorRT cannot be
-installed on this project's machines.
+--tensorrt adds a TensorRT fp16 row (``pipelines/render_tensorrt.py``, experimental: not covered by
+CI; needs TensorRT installed).
 
 The VAE has Wan 2.1's own configuration (base_dim 96, dim_mult [1, 2, 4, 4]) with seeded random
 weights: speed and memory are those of the real model; fidelity (bf16 vs fp32 PSNR) is measured on
@@ -48,6 +48,7 @@ def _row(label: str, warm_up_s: float, video, first: float, total: float, peak: 
 def run(latent_frames: int, width: int, height: int, compile: bool = False, tensorrt: bool = False) -> dict:
     import torch
     from diffusers import AutoencoderKLWan
+
     from shopreel.pipelines.render import TorchDecoderBackend
 
     device = torch.device("cuda")
@@ -97,7 +98,7 @@ def run(latent_frames: int, width: int, height: int, compile: bool = False, tens
                 reference = video
             label = dtype_name + (" + torch.compile" if compiled else "")
             rows.append(_row(label, warm_up_s, video, first, total, peak, reference))
-    if tensorrt:  # UNTESTED: TensorRT could never be installed where this was written
+    if tensorrt:  # experimental backend: see pipelines/render_tensorrt.py
         import tempfile
 
         from shopreel.pipelines.render_tensorrt import TensorRTDecoderBackend
@@ -110,7 +111,7 @@ def run(latent_frames: int, width: int, height: int, compile: bool = False, tens
             stream(torch.float32, backend)
             warm_up_s = time.perf_counter() - warm_started
             video, first, total, peak = stream(torch.float32, backend)
-        rows.append(_row("fp16 (TensorRT, untested path)", warm_up_s, video, first, total, peak, reference))
+        rows.append(_row("fp16 (TensorRT, experimental)", warm_up_s, video, first, total, peak, reference))
     speedup = rows[0]["total_s"] / rows[1]["total_s"]
     compile_speedup = rows[1]["total_s"] / rows[2]["total_s"] if compile else None
     return {

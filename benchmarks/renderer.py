@@ -75,6 +75,7 @@ def load_vae_by_name(name: str) -> Any:
 def generator_latents(model: Any, seeds: list[int], frames: int, size: int) -> list[Any]:
     """One shot of ``frames`` video frames per seed, denoised by the tiny generator (2 steps)."""
     import torch
+
     from shopreel.pipelines.generate import LatentGenerator
     from shopreel.pipelines.types import Shot, ShotKind, Storyboard
 
@@ -101,6 +102,7 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     """One backend on one shot, in this (fresh) process: ``spec`` names the VAE, backend, precision,
     cache folder and the .pt files of the shot's latents and of the reference video."""
     import torch
+
     from shopreel.pipelines.render import TorchDecoderBackend
     from shopreel.pipelines.render_onnx import OnnxDecoderBackend, decode_clip, psnr_db
 
@@ -157,6 +159,7 @@ def run_row_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(frames: int, repeats: int) -> dict[str, Any]:
     import torch
+
     from shopreel.pipelines.config import ModelConfig
     from shopreel.pipelines.presets import load_model
     from shopreel.pipelines.render_onnx import quantize_int8

@@ -103,6 +103,7 @@ def throughput(url: str, brief: dict[str, Any], concurrency: int, videos: int) -
 def run(repeats: int, videos: int, levels: list[int]) -> dict[str, Any]:
     import httpx
     import torch
+
     from shopreel.pipelines.pipeline import ProductVideoPipeline
     from shopreel.pipelines.types import ProductBrief
     from shopreel.serve.runner import load_config, start

@@ -6,10 +6,10 @@ passes over memory: ``to_uint8_frames``' scale/clamp/round, the layout change, a
 swscale-exact colour matrix and 4:2:0 filter of ``yuv420.rgb_to_yuv420``, so only the 1.5 bytes
 per pixel of YUV (instead of 3 of RGB, or 12 of float) cross to the host.
 
-Testing: the development and CI machines have neither CUDA nor Triton, so there this file is
-untested (``tests/test_kernels.py::test_triton_matches_reference``, marked ``gpu``, skips). That
-test passed on an NVIDIA H100 (Triton 3.6, PyTorch 2.11): both kernels bit-identical to the
-reference for fp32/bf16/fp16, two memory layouts, 2x2 to 480x832 and a partial last block.
+Testing: ``tests/test_kernels.py::test_triton_matches_reference`` (marked ``gpu``; it skips without
+CUDA and Triton, so CI does not cover this file) checks both kernels bit-identical to the reference
+for fp32/bf16/fp16, two memory layouts, 2x2 to 480x832 and a partial last block; it passed on an
+NVIDIA H100 (Triton 3.6, PyTorch 2.11).
 Measured there on [1, 3, 81, 480, 832] bf16: YUV kernel 0.15 ms, RGB kernel 0.18 ms, against
 2.0 ms for ``to_uint8_frames``' PyTorch ops.
 """

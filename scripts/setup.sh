@@ -19,7 +19,7 @@ if [ -n "${SHOPREEL_TORCH_SPEC:-}" ]; then
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   torch_spec="torch>=2.4"          # PyPI's default Linux build carries CUDA
 else
-  torch_spec="torch==2.13.0"       # CPU build (a local wheel on our CI machines)
+  torch_spec="torch==2.13.0"       # CPU build
 fi
 
 # 2. Skip the install when pyproject.toml and the torch choice are what we installed last time.

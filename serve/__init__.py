@@ -1,1 +1,1 @@
-"""Ray Serve wiring of the stages (see issue 3)."""
+"""Ray Serve wiring of the stages: one deployment per stage, the HTTP ingress, job store and metrics."""

@@ -27,9 +27,10 @@ from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from shopreel.pipelines.presets import resolve_preset
 from shopreel.pipelines.types import Campaign, ProductBrief, ShopperProfile, Storyboard
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
 from .deployments import (

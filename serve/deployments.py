@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
 from shopreel.pipelines.compose import ComposeResult, Compositor
 from shopreel.pipelines.generate import LatentGenerator
 from shopreel.pipelines.presets import load_model, load_vae, resolve_preset

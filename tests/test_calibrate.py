@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from shopreel.pipelines.calibrate import calibration_set, shot_latents
 from shopreel.pipelines.types import ProductBrief, VideoSize
 

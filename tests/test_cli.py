@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 from media import probe
+from typer.testing import CliRunner
+
 from shopreel.cli import app
 from shopreel.pipelines.types import Storyboard
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -10,11 +10,12 @@ import av
 import numpy as np
 import pytest
 from media import probe
+from storyboards import make_storyboard
+
 from shopreel.pipelines.compose import Compositor
 from shopreel.pipelines.config import ComposeConfig
 from shopreel.pipelines.overlays import NOTO_SC_FACE_INDEX, default_font_path, load_font
 from shopreel.pipelines.types import FrameChunk, Storyboard
-from storyboards import make_storyboard
 
 
 def frame_chunks(storyboard: Storyboard, colours=None, chunk=4, request_id="r1"):

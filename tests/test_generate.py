@@ -1,8 +1,9 @@
 import pytest
 import torch
+from storyboards import make_storyboard
+
 from shopreel.pipelines.config import GenerateConfig
 from shopreel.pipelines.generate import LatentGenerator
-from storyboards import make_storyboard
 
 
 def _collect(generator, storyboard, **kwargs):

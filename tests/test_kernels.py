@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
+
 from shopreel.kernels.postprocess import (
     decoder_output_to_rgb,
     decoder_output_to_yuv420,

@@ -10,6 +10,8 @@ import pytest
 from openai.types import Video, VideoDeleteResponse
 from PIL import Image
 from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+
 from shopreel.pipelines.types import MAX_IMAGE_BYTES, MAX_SELLING_POINT_CHARS, MAX_TITLE_CHARS, ProductBrief
 from shopreel.serve.openai_api import (
     POLL_AFTER_HEADER,
@@ -25,7 +27,6 @@ from shopreel.serve.openai_api import (
     video_object,
 )
 from shopreel.serve.store import JobRecord, JobStore, new_video_id
-from starlette.datastructures import FormData, UploadFile
 
 # The SDK marks its video methods deprecated (Sora's shutdown date); the wire format is what we test.
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")

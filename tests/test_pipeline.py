@@ -2,6 +2,7 @@ import io
 
 import pytest
 from media import probe
+
 from shopreel.pipelines.config import GenerateConfig, PipelineConfig
 from shopreel.pipelines.pipeline import ProductVideoPipeline
 from shopreel.pipelines.types import ProductBrief

@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
+from storyboards import make_storyboard
+
 from shopreel.pipelines.config import ModelConfig
 from shopreel.pipelines.generate import LatentGenerator
 from shopreel.pipelines.presets import export_tiny_checkpoint, load_model, resolve_device, resolve_preset
-from storyboards import make_storyboard
 
 
 def test_checkpoint_directory_loads_through_the_real_path(tmp_path, tiny_model):

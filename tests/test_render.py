@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from shopreel.kernels.postprocess import to_uint8_frames
 from shopreel.pipelines.config import RenderConfig
 from shopreel.pipelines.render import StreamingRenderer, build_backend

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from shopreel.pipelines.config import RenderConfig
 from shopreel.pipelines.render import StreamingRenderer, TorchDecoderBackend, build_backend
 from shopreel.pipelines.render_onnx import (
@@ -126,8 +127,9 @@ def test_missing_or_unsupported_backends_are_clear_errors(tiny_model, tmp_path):
 
 def _generator_latents(model, seeds, frames=17, size=64):
     """Real latents: the tiny generator denoising product shots (calibration must not be noise)."""
-    from shopreel.pipelines.generate import LatentGenerator
     from storyboards import make_storyboard
+
+    from shopreel.pipelines.generate import LatentGenerator
 
     generator = LatentGenerator(model)
     clips = []
@@ -254,7 +256,7 @@ def test_every_latent_frame_runs_in_onnxruntime_once_built(tiny_model, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("tensorrt") is None,
-    reason="needs a CUDA GPU and TensorRT (not installable on this project's machines)",
+    reason="needs a CUDA GPU and TensorRT (optional, not installed)",
 )
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_equals_the_reference_on_cuda(tiny_model, tmp_path, precision):

@@ -247,8 +247,9 @@ def test_cli_remote_streams_a_brief_from_disk(server, tmp_path):
     import shutil
     from pathlib import Path
 
-    from shopreel.cli import app
     from typer.testing import CliRunner
+
+    from shopreel.cli import app
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     shutil.copy(examples / "sneaker.png", tmp_path / "sneaker.png")

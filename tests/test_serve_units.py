@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from pydantic import ValidationError
+
 from shopreel.pipelines.types import LatentChunk
 from shopreel.serve.config import AutoscalingSettings, DeploymentSettings, ServeConfig
 from shopreel.serve.deployments import NeedHistory, RendererDeployment
@@ -80,6 +81,7 @@ def test_serve_config_files_build_the_app():
     from pathlib import Path
 
     import yaml
+
     from shopreel.serve.app import app_builder
     from shopreel.serve.runner import load_config
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+
 from shopreel.serve import store as store_module
 from shopreel.serve.store import SCHEMA_VERSION, JobRecord, JobStore, VideoStore, is_video_id, new_video_id
 

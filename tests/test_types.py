@@ -4,6 +4,8 @@ import io
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from storyboards import make_storyboard
+
 from shopreel.pipelines.types import (
     MAX_IMAGE_PIXELS,
     ProductBrief,
@@ -13,7 +15,6 @@ from shopreel.pipelines.types import (
     describe_validation_error,
     latent_to_pixel_range,
 )
-from storyboards import make_storyboard
 
 
 def _png(width: int, height: int) -> str:

@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from shopreel.pipelines.config import PlannerConfig
 from shopreel.pipelines.types import (
     MAX_CAPTION_CHARS,
