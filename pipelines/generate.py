@@ -88,10 +88,18 @@ class LatentGenerator:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         on_step: StepCallback | None = None,
+        start_shot: int = 0,
     ) -> Iterator[LatentChunk]:
-        """All shots in order; chunks of one shot leave as soon as that shot is denoised."""
+        """Shots from ``start_shot`` on, in order; chunks of one shot leave as soon as it is denoised.
+
+        ``start_shot`` resumes a video whose earlier shots were already generated (a serving replica
+        died mid-stream): shots are seeded one by one, so the shots generated here equal those of a
+        run from shot 0, with the same indices and ``is_last_shot``.
+        """
         self.check_inputs(storyboard, num_inference_steps)
-        for shot in storyboard.shots:
+        if not 0 <= start_shot < len(storyboard.shots):
+            raise ValueError(f"start_shot must be in 0..{len(storyboard.shots) - 1}, got {start_shot}")
+        for shot in storyboard.shots[start_shot:]:
             yield from self.generate_shot(
                 storyboard,
                 shot,

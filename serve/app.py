@@ -1,9 +1,12 @@
 """The HTTP ingress and ``build_app``: OpenAI-style video jobs, sync and streaming product videos.
 
-Every video, whichever endpoint accepted it, is a job record in the SQLite store and ends as a
-file in the video store, so a streamed video can be downloaded again and a job accepted before a
-restart is produced after it. Requests are checked and planned before they are accepted (a bad
-brief costs no GPU time and gets a 400); production then runs in the compositor deployment, which
+Every video, whichever endpoint accepted it, is a job record in the job store (SQLite, or
+PostgreSQL for a cluster) and ends as a file in the video store, so a streamed video can be
+downloaded again and a job accepted before a restart is produced after it. The store is shared by
+every ingress replica: it admits (stream slots, pending jobs) atomically before any model work, and
+its queue is worked by every replica's workers, which claim jobs under leases they renew, so a job
+whose replica or node died is produced by another. Requests are planned before they are accepted (a
+bad brief costs no GPU time and gets a 400); production runs in the compositor deployment, which
 drives generator and renderers and streams fMP4 fragments back here.
 
 Errors are mapped to OpenAI's error body once, here: ``APIError`` from the wire-format module,
@@ -13,9 +16,11 @@ back-pressure as 503 with ``Retry-After``, anything else as a 500 that is logged
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
 
@@ -23,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import exceptions as ray_exceptions
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -42,6 +48,7 @@ from .deployments import (
     ProductionOrder,
     ProductionProgress,
     RendererDeployment,
+    StageUnavailable,
 )
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openai_api import (
@@ -57,7 +64,17 @@ from .openai_api import (
     request_to_brief,
     video_object,
 )
-from .store import JobRecord, JobStore, VideoStore, is_video_id
+from .store import (
+    AdmissionKind,
+    AdmissionRefused,
+    Claim,
+    JobRecord,
+    ProductionKind,
+    VideoStore,
+    is_video_id,
+    new_video_id,
+    open_job_store,
+)
 
 logger = logging.getLogger("shopreel.serve")
 
@@ -133,19 +150,46 @@ def _overloaded(exc: Exception, retry_after_s: int) -> APIError:
     )
 
 
-def _failure_code(exc: BaseException) -> tuple[str, str]:
-    """Job error codes: the client's mistake, capacity, or ours."""
+# A stage replica (or its node) went away: the work is idempotent, so the job is produced again.
+_LOST_STAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ray_exceptions.RayActorError,
+    ray_exceptions.WorkerCrashedError,
+    ray_exceptions.NodeDiedError,
+    ray_exceptions.ObjectLostError,
+    DeploymentUnavailableError,
+)
+
+
+def _failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
+    """Job error codes and client-safe messages: the client's mistake, capacity, a lost stage, or ours.
+
+    Messages never carry Ray internals (actor ids, node addresses, tracebacks): those go to the log,
+    which the video id in the message finds.
+    """
     cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the stage's own exception
     if isinstance(cause, ValueError):
         return "invalid_request", str(cause)
-    if isinstance(cause, BackPressureError | DeploymentUnavailableError):
-        return "overloaded", str(cause)
-    return "internal_error", f"{type(cause).__name__}: {cause}"
+    if isinstance(cause, BackPressureError):
+        return "overloaded", "a stage of the cluster is at capacity; retry later"
+    if isinstance(cause, _LOST_STAGE_ERRORS | StageUnavailable):
+        return "stage_unavailable", f"a stage replica was lost while producing video {video_id}; retry later"
+    return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
+
+
+def _not_produced(record: JobRecord) -> APIError:
+    """Why a sync or streaming request got no video now; a requeued one is still made, by id."""
+    if record.status in ("queued", "in_progress"):
+        return APIError(
+            503,
+            f"a stage replica was lost; video {record.id} is queued again: poll GET /v1/videos/{record.id}",
+            code="stage_unavailable",
+        )
+    return _failure_error(record)
 
 
 def _failure_error(record: JobRecord) -> APIError:
     error = record.error or {"code": "internal_error", "message": "video failed"}
-    status = 400 if error["code"] == "invalid_request" else 503 if error["code"] == "overloaded" else 500
+    status = {"invalid_request": 400, "overloaded": 503, "stage_unavailable": 503}.get(error["code"], 500)
     return APIError(status, error["message"], code=error["code"])
 
 
@@ -168,31 +212,26 @@ class Ingress:
             compositor,
         )
         self.preset = resolve_preset(config.pipeline.model.preset)
-        data_dir = config.jobs.data_dir
-        self.jobs = JobStore(data_dir / "jobs.sqlite3")
-        self.videos = VideoStore(data_dir / "videos")
+        self.jobs = open_job_store(config.jobs.store_url(), pool_size=config.jobs.store_pool_size)
+        self.videos = VideoStore(config.jobs.videos_path())
         self.metrics = ServingMetrics()
-        self.queue: asyncio.Queue[str] | None = None
+        # This replica's name on the leases it holds; a restarted replica is a new owner.
+        self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.job_waiting: asyncio.Event | None = None
         self.productions: dict[str, asyncio.Task[None]] = {}
-        self.streams_in_flight = 0
         self.ready = False
         self._background: list[asyncio.Task[None]] = []
-        self._interrupted = self.jobs.requeue_interrupted()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def _ensure_started(self) -> asyncio.Queue[str]:
+    def _ensure_started(self) -> None:
         """Start job workers and the readiness probe on the replica's event loop (first call wins)."""
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            for record in self._interrupted:  # accepted before a restart: produce them now
-                self.queue.put_nowait(record.id)
-            self.metrics.queue_depth.set(self.queue.qsize())
+        if self.job_waiting is None:
+            self.job_waiting = asyncio.Event()
             self._background = [
                 asyncio.create_task(self._worker()) for _ in range(self.config.jobs.concurrency)
             ]
             self._background.append(asyncio.create_task(self._become_ready()))
-        return self.queue
 
     async def _become_ready(self) -> None:
         """Ready once every stage answers: their constructors loaded and warmed the models."""
@@ -258,24 +297,29 @@ class Ingress:
     async def create_video(self, request: Request) -> JSONResponse:
         create = await self._read_create_request(request)
         job_request, model = self._job_from_prompt(create)
-        record, storyboard = await self._accept(job_request, prompt=create.prompt, model=model)
-        self._enqueue(record)
+        record, _ = await self._accept(job_request, prompt=create.prompt, model=model, kind="job")
         return JSONResponse(video_object(record))
 
     @api.get("/v1/videos")
     async def list_videos(self, request: Request) -> dict[str, Any]:
         query = VideoListQuery.from_query(request.query_params)
         try:
-            records, has_more = self.jobs.list(after=query.after, limit=query.limit, order=query.order)
+            records, has_more = await asyncio.to_thread(
+                self.jobs.list, after=query.after, limit=query.limit, order=query.order
+            )
         except KeyError:
             raise APIError.invalid(f"no video with id {query.after!r} to list after", "after") from None
         return list_page(records, has_more)
 
     @api.get("/v1/videos/{video_id}")
     async def retrieve_video(self, video_id: str) -> JSONResponse:
-        record = self._record(video_id)
+        record = await self._record(video_id)
         body = video_object(record)
-        body["shopreel"] = {"num_frames": record.num_frames, "timings": record.timings}
+        body["shopreel"] = {
+            "num_frames": record.num_frames,
+            "timings": record.timings,
+            "attempts": record.attempts,
+        }
         headers = (
             {POLL_AFTER_HEADER: str(POLL_AFTER_MS)} if record.status in ("queued", "in_progress") else {}
         )
@@ -283,17 +327,18 @@ class Ingress:
 
     @api.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str) -> dict[str, Any]:
-        self._record(video_id)
+        await self._record(video_id)
         production = self.productions.pop(video_id, None)
         if production is not None:
             production.cancel()
-        self.jobs.delete(video_id)
+        # Another replica producing it sees its lease gone at the next renewal and stops.
+        await asyncio.to_thread(self.jobs.delete, video_id)
         self.videos.delete(video_id)
         return deleted_object(video_id)
 
     @api.get("/v1/videos/{video_id}/content")
     async def video_content(self, video_id: str, variant: str | None = None) -> FileResponse:
-        record = self._record(video_id)
+        record = await self._record(video_id)
         kind = content_variant(variant)
         if record.status != "completed" or not self.videos.exists(video_id, kind):
             raise APIError(
@@ -308,13 +353,12 @@ class Ingress:
     async def create_video_sync(self, request: Request) -> Response:
         create = await self._read_create_request(request)
         job_request, model = self._job_from_prompt(create)
-        self._check_stream_capacity()
-        record, storyboard = await self._accept(job_request, prompt=create.prompt, model=model)
-        production = self._start_production(record, storyboard, job_request, listener=None, kind="sync")
+        record, storyboard = await self._accept(job_request, prompt=create.prompt, model=model, kind="sync")
+        production = self._start_production(record, storyboard, job_request, listener=None)
         await asyncio.shield(production)
-        final = self._record(record.id)
+        final = await self._record(record.id)
         if final.status != "completed":
-            raise _failure_error(final)
+            raise _not_produced(final)
         return FileResponse(
             self.videos.path_for(record.id), media_type="video/mp4", headers={VIDEO_ID_HEADER: record.id}
         )
@@ -337,22 +381,20 @@ class Ingress:
                 num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale
             ),
         )
-        if body.stream:
-            self._check_stream_capacity()
-        record, storyboard = await self._accept(job_request, prompt=None, model=model, audio=body.audio)
+        kind: ProductionKind = "stream" if body.stream else "job"
+        record, storyboard = await self._accept(
+            job_request, prompt=None, model=model, audio=body.audio, kind=kind
+        )
         if not body.stream:
-            self._enqueue(record)
             return JSONResponse(video_object(record))
         listener: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
-        self._start_production(
-            record, storyboard, job_request, listener=listener, kind="stream", audio=body.audio
-        )
+        self._start_production(record, storyboard, job_request, listener=listener, audio=body.audio)
 
         # Headers wait for the first fragment, so a video that fails before any byte gets a real error
         # status; a failure after that aborts the response (no final chunk), which clients see as one.
         first = await listener.get()
         if first is None or isinstance(first, BaseException):
-            raise _failure_error(self._record(record.id))
+            raise _not_produced(await self._record(record.id))
         first_fragment: bytes = first
 
         async def fragments() -> AsyncIterator[bytes]:
@@ -396,67 +438,84 @@ class Ingress:
             )
         return self.config.model_name
 
-    def _check_stream_capacity(self) -> None:
-        if self.streams_in_flight >= self.config.jobs.max_streams:
-            self.metrics.errors.labels(type="overloaded").inc()
+    async def _admit(self, video_id: str, kind: ProductionKind) -> None:
+        """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full."""
+        settings = self.config.jobs
+        slot: AdmissionKind = "job" if kind == "job" else "stream"
+        limit = settings.max_pending if slot == "job" else settings.max_streams
+        try:
+            await asyncio.to_thread(self.jobs.admit, video_id, slot, limit, settings.lease_s)
+        except AdmissionRefused as exc:
+            self.metrics.errors.labels(type="queue_full" if slot == "job" else "overloaded").inc()
+            what = "videos are waiting" if slot == "job" else "videos are streaming"
             raise APIError.overloaded(
-                f"{self.streams_in_flight} videos are streaming, the most this server takes at once",
-                self.config.jobs.retry_after_s,
-                status_code=503,
-            )
+                f"{exc.count} {what}, the most this cluster takes at once",
+                settings.retry_after_s,
+                status_code=429 if slot == "job" else 503,
+            ) from None
 
     async def _accept(
-        self, job_request: JobRequest, *, prompt: str | None, model: str, audio: str = "bed"
+        self,
+        job_request: JobRequest,
+        *,
+        prompt: str | None,
+        model: str,
+        kind: ProductionKind,
+        audio: str = "bed",
     ) -> tuple[JobRecord, Storyboard]:
-        """Plan now (a bad brief is a 400 before anything is stored) and record the job."""
-        queue = self._ensure_started()
-        if queue.qsize() >= self.config.jobs.max_pending:
-            self.metrics.errors.labels(type="queue_full").inc()
-            raise APIError.overloaded(
-                f"{queue.qsize()} videos are waiting, the most this server queues",
-                self.config.jobs.retry_after_s,
-                status_code=429,
-            )
-        started = time.perf_counter()
+        """Admit, plan (a bad brief is a 400 before anything is stored), and record the video.
+
+        A job joins the shared queue; a stream or sync video is recorded as started by this replica,
+        under a lease, and keeps its stream slot until its production ends.
+        """
+        self._ensure_started()
+        video_id = new_video_id()
+        await self._admit(video_id, kind)
         try:
-            storyboard = await self.planner.plan.remote(
-                job_request.brief, job_request.profile, job_request.campaign
+            started = time.perf_counter()
+            try:
+                storyboard = await self.planner.plan.remote(
+                    job_request.brief, job_request.profile, job_request.campaign
+                )
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise _overloaded(exc, self.config.jobs.retry_after_s) from None
+            except ValueError as exc:  # the planner refused what the schema let through
+                raise APIError.invalid(str(exc)) from None
+            negative = job_request.options.negative_prompt
+            if negative:
+                shots = [s.model_copy(update={"negative_prompt": negative}) for s in storyboard.shots]
+                storyboard = storyboard.model_copy(update={"shots": shots})
+            understand_s = time.perf_counter() - started
+            stored = {
+                "job": job_request.model_dump(mode="json"),
+                "storyboard": storyboard.model_dump(mode="json"),
+                "audio": audio,
+                "understand_s": understand_s,
+            }
+            record = JobRecord(
+                id=video_id,
+                kind=kind,
+                model=model,
+                prompt=prompt,
+                seconds=_seconds_text(storyboard.duration_s),
+                size=f"{storyboard.width}x{storyboard.height}",
+                request=json.dumps(stored),
+                num_frames=storyboard.total_frames,
             )
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise _overloaded(exc, self.config.jobs.retry_after_s) from None
-        except ValueError as exc:  # the planner refused what the schema let through
-            raise APIError.invalid(str(exc)) from None
-        negative = job_request.options.negative_prompt
-        if negative:
-            storyboard = storyboard.model_copy(
-                update={
-                    "shots": [s.model_copy(update={"negative_prompt": negative}) for s in storyboard.shots]
-                }
-            )
-        understand_s = time.perf_counter() - started
-        stored = {
-            "job": job_request.model_dump(mode="json"),
-            "storyboard": storyboard.model_dump(mode="json"),
-            "audio": audio,
-            "understand_s": understand_s,
-        }
-        record = JobRecord(
-            model=model,
-            prompt=prompt,
-            seconds=_seconds_text(storyboard.duration_s),
-            size=f"{storyboard.width}x{storyboard.height}",
-            request=json.dumps(stored),
-            num_frames=storyboard.total_frames,
-        )
-        return self.jobs.create(record), storyboard
+            if kind == "job":
+                record = await asyncio.to_thread(self.jobs.enqueue, record)
+                assert self.job_waiting is not None
+                self.job_waiting.set()  # wake a worker here; other replicas find it at their next poll
+            else:
+                lease_s = self.config.jobs.lease_s
+                record = await asyncio.to_thread(self.jobs.start, record, self.owner, lease_s)
+        except BaseException:
+            await asyncio.to_thread(self.jobs.release, video_id)
+            raise
+        return record, storyboard
 
-    def _enqueue(self, record: JobRecord) -> None:
-        queue = self._ensure_started()
-        queue.put_nowait(record.id)
-        self.metrics.queue_depth.set(queue.qsize())
-
-    def _record(self, video_id: str) -> JobRecord:
-        record = self.jobs.get(video_id) if is_video_id(video_id) else None
+    async def _record(self, video_id: str) -> JobRecord:
+        record = await asyncio.to_thread(self.jobs.get, video_id) if is_video_id(video_id) else None
         if record is None:
             raise APIError.not_found(f"no video with id {video_id!r}", "video_id")
         return record
@@ -464,21 +523,57 @@ class Ingress:
     # --- producing ------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        queue = self._ensure_started()
+        """Claim jobs from the shared queue (any replica's) and produce them, one at a time."""
+        settings = self.config.jobs
+        assert self.job_waiting is not None
         while True:
-            video_id = await queue.get()
-            self.metrics.queue_depth.set(queue.qsize())
-            record = self.jobs.get(video_id)
-            if record is None or record.status != "queued":
-                continue  # deleted while waiting
+            try:
+                claim: Claim | None = await asyncio.to_thread(
+                    self.jobs.claim,
+                    self.owner,
+                    lease_s=settings.lease_s,
+                    max_running=settings.max_running,
+                    max_attempts=settings.max_attempts,
+                )
+                await self._update_queue_depth()
+            except Exception:  # noqa: BLE001 - the store is briefly unreachable: keep the worker alive
+                logger.warning("claiming a job failed; retrying", exc_info=True)
+                claim = None
+            if claim is None:
+                self.job_waiting.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.job_waiting.wait(), settings.poll_interval_s)
+                continue
+            record = claim.record
             stored = json.loads(record.request)
             job_request = JobRequest.model_validate(stored["job"])
             storyboard = Storyboard.model_validate(stored["storyboard"])
+            if claim.attempt > 1:
+                logger.info("video %s: attempt %d (an earlier one was lost)", record.id, claim.attempt)
             production = self._start_production(
-                record, storyboard, job_request, listener=None, kind="job", audio=stored.get("audio", "bed")
+                record, storyboard, job_request, listener=None, audio=stored.get("audio", "bed")
             )
             with contextlib.suppress(asyncio.CancelledError):
                 await production
+
+    async def _update_queue_depth(self) -> None:
+        counts = await asyncio.to_thread(self.jobs.counts)
+        self.metrics.queue_depth.set(counts["queued"])
+
+    async def _keep_lease(self, video_id: str, production: asyncio.Task[None]) -> None:
+        """Renew the production's lease (and stream slot); stop it if the job was deleted or taken over."""
+        lease_s = self.config.jobs.lease_s
+        while not production.done():
+            await asyncio.sleep(lease_s / 3)
+            try:
+                held = await asyncio.to_thread(self.jobs.renew, video_id, self.owner, lease_s)
+            except Exception:  # noqa: BLE001 - try again before the lease runs out
+                logger.warning("renewing the lease of %s failed", video_id, exc_info=True)
+                continue
+            if not held:
+                logger.info("video %s was deleted or taken over: stopping its production", video_id)
+                production.cancel()
+                return
 
     def _start_production(
         self,
@@ -487,12 +582,17 @@ class Ingress:
         job_request: JobRequest,
         *,
         listener: asyncio.Queue[bytes | BaseException | None] | None,
-        kind: Literal["job", "stream", "sync"],
         audio: str = "bed",
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._produce(record, storyboard, job_request, listener, kind, audio))
+        task = asyncio.create_task(self._produce(record, storyboard, job_request, listener, audio))
         self.productions[record.id] = task
-        task.add_done_callback(lambda _: self.productions.pop(record.id, None))
+        lease_keeper = asyncio.create_task(self._keep_lease(record.id, task))
+
+        def finished(_: asyncio.Task[None]) -> None:
+            self.productions.pop(record.id, None)
+            lease_keeper.cancel()
+
+        task.add_done_callback(finished)
         return task
 
     async def _produce(
@@ -501,15 +601,13 @@ class Ingress:
         storyboard: Storyboard,
         job_request: JobRequest,
         listener: asyncio.Queue[bytes | BaseException | None] | None,
-        kind: str,
         audio: str,
     ) -> None:
         started = time.perf_counter()
         stored = json.loads(record.request)
-        self.jobs.update(record.id, status="in_progress", progress=0)
+        kind = record.kind
+        update = self._owned_update(record.id)
         self.metrics.in_flight.labels(kind=kind).inc()
-        if kind != "job":
-            self.streams_in_flight += 1
         order = ProductionOrder(
             request_id=record.id,
             storyboard=storyboard,
@@ -533,8 +631,8 @@ class Ingress:
                 elif isinstance(event, ProductionProgress):
                     if event.percent > progress:
                         progress = event.percent
-                        if self.jobs.update(record.id, progress=progress) is None:
-                            raise asyncio.CancelledError  # deleted while producing
+                        if await update(progress=progress) is None:
+                            raise asyncio.CancelledError  # deleted or taken over while producing
                 elif isinstance(event, Produced):
                     with self.videos.open_writer(record.id, "thumbnail") as file:
                         file.write(event.thumbnail)
@@ -551,8 +649,7 @@ class Ingress:
                         else None,
                     }
                     now = int(time.time())
-                    self.jobs.update(
-                        record.id,
+                    await update(
                         status="completed",
                         progress=100,
                         completed_at=now,
@@ -564,20 +661,37 @@ class Ingress:
             self.metrics.videos.labels(outcome="cancelled").inc()
             raise
         except Exception as exc:  # noqa: BLE001 - recorded on the job; the worker goes on
-            code, message = _failure_code(exc)
-            logger.warning("video %s failed: %s", record.id, message, exc_info=code == "internal_error")
+            code, message = _failure_code(exc, record.id)
+            logger.warning("video %s failed (%s)", record.id, code, exc_info=True)
             self.metrics.errors.labels(type=code).inc()
-            self.metrics.videos.labels(outcome="failed").inc()
-            self.jobs.update(record.id, status="failed", error={"code": code, "message": message})
+            if code == "stage_unavailable" and record.attempts < self.config.jobs.max_attempts:
+                # Same storyboard and seed, same video: hand it back to the queue for another try. A
+                # stream's client sees the error; the video it asked for is still made, by id.
+                self.metrics.videos.labels(outcome="retried").inc()
+                await asyncio.to_thread(self.jobs.requeue, record.id, self.owner)
+                assert self.job_waiting is not None
+                self.job_waiting.set()
+            else:
+                self.metrics.videos.labels(outcome="failed").inc()
+                await update(status="failed", error={"code": code, "message": message})
             if listener is not None:
                 listener.put_nowait(exc)
         finally:
             stream.cancel()  # no-op when the stream ended; stops the compositor when we were cancelled
             self.metrics.in_flight.labels(kind=kind).dec()
             if kind != "job":
-                self.streams_in_flight -= 1
+                await asyncio.to_thread(self.jobs.release, record.id)
             if listener is not None:
                 listener.put_nowait(None)
+
+    def _owned_update(self, video_id: str) -> Any:
+        """Job updates that land only while this replica holds the job's lease."""
+
+        async def update(**fields: Any) -> JobRecord | None:
+            call = functools.partial(self.jobs.update, video_id, owner=self.owner, **fields)
+            return await asyncio.to_thread(call)
+
+        return update
 
 
 def build_app(config: ServeConfig | None = None) -> serve.Application:

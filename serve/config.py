@@ -81,18 +81,46 @@ class DeploymentSettings(_Config):
 
 
 class JobSettings(_Config):
-    """The /v1/videos job queue kept by the ingress."""
+    """The cluster's job queue and admission limits: one store shared by every ingress replica."""
 
     data_dir: Path = Field(
-        default=Path("shopreel-data"), description="SQLite job records and finished videos live here"
+        default=Path("shopreel-data"), description="default home of the SQLite store and the video files"
     )
-    concurrency: int = Field(default=2, ge=1, le=256, description="jobs produced at once by this ingress")
-    max_pending: int = Field(default=32, ge=0, le=100_000, description="queued jobs before 429 Retry-After")
+    store: str | None = Field(
+        default=None,
+        description="job store URL: sqlite:///PATH or postgresql://...; None: SQLite in data_dir",
+    )
+    video_dir: Path | None = Field(
+        default=None, description="finished videos (shared storage when several nodes serve); None: data_dir"
+    )
+    concurrency: int = Field(default=2, ge=1, le=256, description="job workers per ingress replica")
+    max_running: int = Field(
+        default=2, ge=1, le=100_000, description="jobs produced at once in the whole cluster (all replicas)"
+    )
+    max_pending: int = Field(
+        default=32, ge=0, le=100_000, description="jobs waiting cluster-wide before 429 Retry-After"
+    )
     max_streams: int = Field(
-        default=4, ge=1, le=1024, description="sync + streaming requests at once before 503 Retry-After"
+        default=4, ge=1, le=100_000, description="sync + streaming videos at once cluster-wide before 503"
     )
+    lease_s: float = Field(
+        default=15.0, ge=0.5, le=3600, description="a worker that stops renewing for this long loses its job"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="times a job is started before a lost worker fails it for good"
+    )
+    poll_interval_s: float = Field(
+        default=0.5, gt=0, le=60, description="idle workers look for jobs this often"
+    )
+    store_pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per replica")
     retry_after_s: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with 429/503")
     video_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="expires_at horizon")
+
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').absolute()}"
+
+    def videos_path(self) -> Path:
+        return self.video_dir or self.data_dir / "videos"
 
 
 class ServeConfig(_Config):

@@ -16,6 +16,14 @@ without the shot's state answers ``NeedHistory`` and the orchestrator resends th
 shot's earlier latents (a few MB even at 480p), from which the replica rebuilds the state. Frames
 are identical either way; only the retry costs time.
 
+Replica loss inside a request. A stage replica can die while a video is being made (OOM kill, node
+loss, a crash). The compositor retries the lost call instead of failing the video: a lost chunk is
+rendered again on another replica together with the shot's earlier latents (the ``NeedHistory``
+path), and a lost generator stream is re-issued from the first shot not fully received (shots are
+seeded one by one, so the re-run gives the same latents; chunks that already arrived are dropped).
+Frames equal those of a run without the fault. Retries are bounded (``RetryPolicy``); when they are
+spent the video fails with ``StageUnavailable``, whose message carries no Ray internals.
+
 Tensors cross replicas as numpy arrays (Ray's zero-copy path), never as lists or base64.
 """
 
@@ -35,6 +43,8 @@ from typing import Any, Literal
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from shopreel.pipelines.compose import ComposeResult, Compositor
@@ -60,6 +70,137 @@ logger = logging.getLogger("shopreel.serve")
 
 # A renderer replica forgets the cache of a shot nobody has sent a chunk for in this long.
 RENDER_STATE_IDLE_S = 300.0
+MAX_IDLE_SHOT_LOCKS = 1024
+
+
+# --- replica loss inside a request ---------------------------------------------------------------
+
+
+class StageUnavailable(RuntimeError):
+    """A stage's replicas kept dying during one video and the retries are spent.
+
+    The message is meant for clients (no Ray internals); the Ray error it was raised from is chained
+    and logged by the compositor.
+    """
+
+    def __init__(self, stage: str, attempts: int) -> None:
+        plural = "" if attempts == 1 else "s"
+        super().__init__(f"{stage} replicas kept failing ({attempts} attempt{plural}); try again later")
+        self.stage = stage
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses replicas pickled: rebuild from our own arguments, not from the formatted message.
+        return (type(self), (self.stage, self.attempts))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard the compositor retries a stage call whose replica died, before ``StageUnavailable``.
+
+    Serve needs a few seconds to replace the only replica of a stage; a retried call waits in Serve's
+    queue for the replacement, so the budget bounds the time between the first and the last failure.
+    """
+
+    attempts: int = 5  # consecutive failures of one call (one chunk, or the stream without progress)
+    budget_s: float = 30.0  # ... or this long since the first of them
+    backoff_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # wait before retry n (last one repeats)
+    generator_restarts: int = 4  # stream re-issues per video, however much progress each made
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.generator_restarts < 0:
+            raise ValueError("RetryPolicy needs attempts >= 1 and generator_restarts >= 0")
+        if self.budget_s < 0 or any(delay < 0 for delay in self.backoff_s):
+            raise ValueError("RetryPolicy budget_s and backoff_s must not be negative")
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a stage call failed because its replica died (or none was reachable), not its input."""
+    if isinstance(exc, RayTaskError):
+        # A call chained through another deployment reports the dead actor as the task's cause.
+        return isinstance(exc.cause, RayActorError)
+    return isinstance(exc, RayActorError | DeploymentUnavailableError)
+
+
+class _Failures:
+    """Consecutive replica losses of one stage call: waits before the next attempt or gives up."""
+
+    def __init__(self, stage: str, policy: RetryPolicy, request_id: str) -> None:
+        self.stage = stage
+        self.policy = policy
+        self.request_id = request_id
+        self.count = 0
+        self.first_at = 0.0
+
+    def reset(self) -> None:
+        """The call made progress: later losses start a new streak."""
+        self.count = 0
+
+    async def wait_or_give_up(self, exc: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self.count == 0:
+            self.first_at = now
+        self.count += 1
+        policy = self.policy
+        delay = policy.backoff_s[min(self.count, len(policy.backoff_s)) - 1] if policy.backoff_s else 0.0
+        if self.count >= policy.attempts or now + delay - self.first_at > policy.budget_s:
+            logger.error(
+                "request %s: %s replica lost (%s), giving up after %d attempts",
+                self.request_id,
+                self.stage,
+                what,
+                self.count,
+                exc_info=exc,
+            )
+            raise StageUnavailable(self.stage, self.count) from exc
+        logger.warning(
+            "request %s: %s replica lost (%s), retry %d in %.2f s",
+            self.request_id,
+            self.stage,
+            what,
+            self.count,
+            delay,
+            exc_info=exc,
+        )
+        await asyncio.sleep(delay)
+
+
+class ChunkLedger:
+    """Which latent chunks of one video arrived, so a re-issued generator stream resumes cleanly.
+
+    The generator emits shots in order and a shot's chunks in order, so what arrived is a prefix: all
+    chunks of shots before ``resume_shot`` and the first few chunks of that shot. A stream re-issued
+    from ``resume_shot`` sends those few again; ``accept`` tells them apart from new ones.
+    """
+
+    def __init__(self, num_shots: int) -> None:
+        if num_shots < 1:
+            raise ValueError(f"num_shots must be >= 1, got {num_shots}")
+        self.num_shots = num_shots
+        self.resume_shot = 0  # the first shot not fully received
+        self._chunks_of_resume_shot = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.resume_shot == self.num_shots
+
+    def accept(self, chunk: LatentChunk) -> bool:
+        """True for a chunk not seen yet; False for one an earlier stream already delivered."""
+        shot, index = chunk.shot_index, chunk.chunk_index
+        if shot < self.resume_shot or (shot == self.resume_shot and index < self._chunks_of_resume_shot):
+            return False
+        if shot != self.resume_shot or index != self._chunks_of_resume_shot:
+            # Anything else would leave a hole the causal renderer cannot decode across.
+            raise RuntimeError(
+                f"generator sent shot {shot} chunk {index}, expected shot {self.resume_shot} chunk "
+                f"{self._chunks_of_resume_shot}"
+            )
+        if chunk.is_last:
+            self.resume_shot += 1
+            self._chunks_of_resume_shot = 0
+        else:
+            self._chunks_of_resume_shot += 1
+        return True
 
 
 # --- messages between deployments ----------------------------------------------------------------
@@ -202,8 +343,12 @@ class GeneratorDeployment:
         request_id: str,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        start_shot: int = 0,
     ) -> AsyncIterator[LatentChunk | DenoiseProgress]:
-        """Denoise in a worker thread; hand its chunks and step events to the caller as they happen."""
+        """Denoise in a worker thread; hand its chunks and step events to the caller as they happen.
+
+        ``start_shot`` > 0 resumes a video whose earlier shots another (lost) replica already sent.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         cancelled = threading.Event()
@@ -222,6 +367,7 @@ class GeneratorDeployment:
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     on_step=on_step,
+                    start_shot=start_shot,
                 )
                 for chunk in chunks:
                     latents = chunk.latents.float().cpu().numpy()  # type: ignore[attr-defined]
@@ -267,6 +413,7 @@ class RendererDeployment:
         _set_torch_threads(config)
         vae, device = load_vae(config.pipeline.model)
         self.renderer = StreamingRenderer(vae, device, config.pipeline.render)
+        self._shot_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self.executor = ThreadPoolExecutor(
             max_workers=config.renderer.max_ongoing_requests, thread_name_prefix="decode"
         )
@@ -292,14 +439,28 @@ class RendererDeployment:
         if key:
             await self._hold_shot(key)
         self.renderer.evict_idle(RENDER_STATE_IDLE_S)
-        expected = self.renderer.next_latent(chunk.request_id, chunk.shot_index)
-        if chunk.latent_start != expected:
-            if history is None or history.shape[2] != chunk.latent_start:
-                return NeedHistory(next_latent=expected)
-            return await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._rebuild_and_render, chunk, history
-            )
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._render, chunk)
+        shot = (chunk.request_id, chunk.shot_index)
+        # One call per shot at a time: a retry of a chunk whose first call is still decoding here (its
+        # caller lost contact, not the replica) must see the state that call leaves, not race it.
+        lock = self._shot_locks.setdefault(shot, asyncio.Lock())
+        loop = asyncio.get_running_loop()
+        try:
+            async with lock:
+                expected = self.renderer.next_latent(*shot)
+                if chunk.latent_start == expected:
+                    return await loop.run_in_executor(self.executor, self._render, chunk)
+                if chunk.latent_start == 0:  # the shot's first chunk again: start the shot over
+                    self.renderer.release(*shot)
+                    return await loop.run_in_executor(self.executor, self._render, chunk)
+                if history is None or history.shape[2] != chunk.latent_start:
+                    return NeedHistory(next_latent=expected)
+                return await loop.run_in_executor(self.executor, self._rebuild_and_render, chunk, history)
+        finally:
+            if chunk.is_last and not lock.locked():
+                self._shot_locks.pop(shot, None)
+            if len(self._shot_locks) > MAX_IDLE_SHOT_LOCKS:  # shots of abandoned requests
+                for key in [key for key, held in self._shot_locks.items() if not held.locked()]:
+                    del self._shot_locks[key]
 
     def _render(self, chunk: LatentChunk) -> FrameChunk:
         latents = self.torch.from_numpy(np.asarray(chunk.latents))
@@ -337,11 +498,18 @@ class RendererDeployment:
 class CompositorDeployment:
     """compose: drives one video through generator and renderers, yields fMP4 fragments as they exist."""
 
-    def __init__(self, config: ServeConfig, generator: DeploymentHandle, renderer: DeploymentHandle) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        generator: DeploymentHandle,
+        renderer: DeploymentHandle,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.config = config
         self.compositor = Compositor(config.pipeline.compose)
         self.generator = generator
         self.renderer = renderer
+        self.retry = retry or RetryPolicy()
 
     async def produce(
         self, order: ProductionOrder
@@ -358,52 +526,137 @@ class CompositorDeployment:
         )
         workdir = Path(tempfile.mkdtemp(prefix="shopreel-compose-"))
         in_flight = asyncio.Semaphore(self.config.render_in_flight)
+        # A shot's latents so far (one array per chunk, by chunk index): what a renderer replica without
+        # the shot's causal cache rebuilds it from. Dropped once the shot's last chunk is rendered.
         history: dict[int, list[np.ndarray]] = {}
         last_task_of_shot: dict[int, asyncio.Task[FrameChunk]] = {}
         render_tasks: list[asyncio.Task[FrameChunk]] = []
         ordered: asyncio.Queue[Any] = asyncio.Queue()
         end = object()
-        timings = {"generate_s": 0.0, "render_s": 0.0, "compose_s": 0.0}
+        # Recovery counters ride along with the timings, so a job record shows what a video survived.
+        timings = {
+            "generate_s": 0.0,
+            "render_s": 0.0,
+            "compose_s": 0.0,
+            "render_retries": 0.0,
+            "generate_restarts": 0.0,
+        }
         shot_denoised_at: list[float] = []
+
+        async def render_chunk(handle: DeploymentHandle, chunk: LatentChunk, resend: bool) -> FrameChunk:
+            def earlier() -> np.ndarray:
+                return np.concatenate(history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]
+
+            # After a lost replica the shot's cache is gone for sure: send the history at once.
+            with_history = resend and chunk.latent_start > 0
+            result = await handle.render.remote(chunk, earlier() if with_history else None)
+            if isinstance(result, NeedHistory):
+                resent = earlier()
+                logger.info(
+                    "request %s shot %d: renderer lost its cache, resending %d latent frames",
+                    request_id,
+                    chunk.shot_index,
+                    resent.shape[2],
+                )
+                result = await handle.render.remote(chunk, resent)
+            if not isinstance(result, FrameChunk):
+                raise RuntimeError(
+                    f"renderer answered {type(result).__name__} for shot {chunk.shot_index} chunk "
+                    f"{chunk.chunk_index} although its history was sent"
+                )
+            return result
 
         async def render_one(chunk: LatentChunk, previous: asyncio.Task[FrameChunk] | None) -> FrameChunk:
             if previous is not None:
                 await previous  # a shot's cache needs its chunks in order
             handle = self.renderer.options(multiplexed_model_id=f"{request_id}:{chunk.shot_index}")
-            async with in_flight:
-                result = await handle.render.remote(chunk)
-                if isinstance(result, NeedHistory):
-                    earlier = np.concatenate(history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]
-                    logger.info(
-                        "request %s shot %d: renderer lost its cache, resending %d latent frames",
-                        request_id,
-                        chunk.shot_index,
-                        earlier.shape[2],
-                    )
-                    result = await handle.render.remote(chunk, earlier)
+            failures = _Failures("renderer", self.retry, request_id)
+            while True:
+                try:
+                    async with in_flight:
+                        result = await render_chunk(handle, chunk, resend=failures.count > 0)
+                    break
+                except Exception as exc:
+                    if not replica_lost(exc):
+                        raise
+                    # Not holding a render slot while waiting: other shots' chunks may go meanwhile.
+                    await failures.wait_or_give_up(exc, f"shot {chunk.shot_index} chunk {chunk.chunk_index}")
+                    timings["render_retries"] += 1
             if chunk.is_last:
-                history.pop(chunk.shot_index, None)
-            assert isinstance(result, FrameChunk)
+                history.pop(chunk.shot_index, None)  # only now: a retry of this chunk still needs it
             return result
 
-        async def feed() -> None:
-            """Generator stream -> render tasks, queued in output order."""
-            try:
-                stream: DeploymentResponseGenerator = self.generator.options(stream=True).generate.remote(  # type: ignore[assignment]
-                    storyboard, request_id, order.num_inference_steps, order.guidance_scale
+        def received(chunk: LatentChunk) -> None:
+            timings["generate_s"] += chunk.timings.get("denoise_s", 0.0)
+            if chunk.chunk_index == 0:
+                shot_denoised_at.append(chunk.timings.get("denoised_at", time.time()))
+            history.setdefault(chunk.shot_index, []).append(np.asarray(chunk.latents))
+
+        def check_resent(chunk: LatentChunk) -> None:
+            """A chunk a re-issued stream sent again: rendered already, it must equal the first copy."""
+            kept = history.get(chunk.shot_index)
+            if kept is not None and not np.array_equal(kept[chunk.chunk_index], np.asarray(chunk.latents)):
+                # Seeded denoising is deterministic on one device type; keep the first copy (its frames
+                # are out already), so this shot may show a seam at the chunk boundary.
+                logger.warning(
+                    "request %s shot %d chunk %d: re-generated latents differ from the first run",
+                    request_id,
+                    chunk.shot_index,
+                    chunk.chunk_index,
                 )
-                async for item in stream:
-                    if isinstance(item, DenoiseProgress):
-                        await ordered.put(item)
+
+        async def feed() -> None:
+            """Generator stream -> render tasks, queued in output order; a lost stream is re-issued."""
+            try:
+                ledger = ChunkLedger(len(storyboard.shots))
+                failures = _Failures("generator", self.retry, request_id)
+                restarts = 0
+                while not ledger.complete:
+                    stream: DeploymentResponseGenerator = self.generator.options(stream=True).generate.remote(  # type: ignore[assignment]
+                        storyboard,
+                        request_id,
+                        order.num_inference_steps,
+                        order.guidance_scale,
+                        start_shot=ledger.resume_shot,
+                    )
+                    try:
+                        async for item in stream:
+                            if isinstance(item, DenoiseProgress):
+                                await ordered.put(item)
+                                continue
+                            if not ledger.accept(item):
+                                check_resent(item)
+                                continue
+                            failures.reset()
+                            received(item)
+                            task = asyncio.create_task(
+                                render_one(item, last_task_of_shot.get(item.shot_index))
+                            )
+                            last_task_of_shot[item.shot_index] = task
+                            render_tasks.append(task)
+                            await ordered.put(task)
+                    except Exception as exc:
+                        stream.cancel()
+                        if not replica_lost(exc):
+                            raise
+                        if ledger.complete:
+                            break  # lost after its last chunk: nothing is missing
+                        restarts += 1
+                        if restarts > self.retry.generator_restarts:
+                            logger.error(
+                                "request %s: generator replica lost %d times, giving up",
+                                request_id,
+                                restarts,
+                                exc_info=exc,
+                            )
+                            raise StageUnavailable("generator", restarts) from exc
+                        await failures.wait_or_give_up(exc, f"stream from shot {ledger.resume_shot}")
+                        timings["generate_restarts"] += 1
                         continue
-                    timings["generate_s"] += item.timings.get("denoise_s", 0.0)
-                    if item.chunk_index == 0:
-                        shot_denoised_at.append(item.timings.get("denoised_at", time.time()))
-                    history.setdefault(item.shot_index, []).append(np.asarray(item.latents))
-                    task = asyncio.create_task(render_one(item, last_task_of_shot.get(item.shot_index)))
-                    last_task_of_shot[item.shot_index] = task
-                    render_tasks.append(task)
-                    await ordered.put(task)
+                    if not ledger.complete:
+                        raise RuntimeError(
+                            f"generator stream ended before shot {ledger.resume_shot} was complete"
+                        )
                 await ordered.put(end)
             except Exception as exc:  # noqa: BLE001 - handed to the consuming loop, which raises it
                 await ordered.put(exc)

@@ -74,8 +74,13 @@ def start(
     port: int = 8000,
     address: str | None = None,
     ready_timeout_s: float = 600.0,
+    proxy_location: str | None = None,
 ) -> RunningServer:
-    """Deploy the app and wait until ``/readyz`` answers 200. ``address=None`` starts Ray here."""
+    """Deploy the app and wait until ``/readyz`` answers 200. ``address=None`` starts Ray here.
+
+    ``proxy_location``: where Serve runs HTTP proxies (``EveryNode``, Ray's default, or ``HeadOnly``,
+    e.g. for several simulated nodes that share one host's ports).
+    """
     import ray
     from ray import serve
 
@@ -84,10 +89,11 @@ def start(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     embedded = address is None
     if embedded:
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # address="local": always a new cluster here, never one some other process left running.
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     else:
         ray.init(address=address)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_ready(url, ready_timeout_s)

@@ -1,14 +1,18 @@
-"""Embedded job and video stores behind the ``/v1/videos`` API.
+"""Job and video stores behind the ``/v1/videos`` API, shared by every ingress replica.
 
-``JobStore`` keeps one row per video job in SQLite (WAL, so readers never block the writer), so the
-job list and every job's state survive a restart; ``requeue_interrupted`` hands back the jobs a
-crashed process left unfinished. ``VideoStore`` keeps the finished files under one directory per
-job and only ever makes a *complete* file visible (temp file in the same directory + ``os.replace``),
-so a half-written video is never served.
+``JobStore`` keeps one row per video in SQLite (the embedded default) or PostgreSQL (a cluster), so
+the job list and every job's state survive restarts. It is also the cluster's admission authority:
+stream slots, pending and running jobs are counted and taken in one transaction under one lock.
+Workers claim jobs with a lease they renew; a job whose worker died is claimed again.
+
+``VideoStore`` keeps the finished files under one directory per job (shared storage when several
+nodes serve) and only ever makes a *complete* file visible (temp file in the same directory +
+``os.replace``), so a half-written video is never served.
 """
 
 from __future__ import annotations
 
+import abc
 import builtins
 import contextlib
 import errno
@@ -22,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -31,10 +36,13 @@ from typing_extensions import TypedDict
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 VideoVariant = Literal["video", "thumbnail"]
 ListOrder = Literal["asc", "desc"]
+ProductionKind = Literal["job", "stream", "sync"]
+AdmissionKind = Literal["job", "stream"]
 
 VIDEO_ID_PATTERN = r"video_[0-9a-f]{32}"
 MAX_LIST_LIMIT = 100
 UNFINISHED: tuple[JobStatus, ...] = ("queued", "in_progress")
+FINISHED: tuple[JobStatus, ...] = ("completed", "failed")
 VARIANT_FILES: dict[VideoVariant, str] = {"video": "video.mp4", "thumbnail": "thumbnail.jpg"}
 VARIANT_MEDIA_TYPES: dict[VideoVariant, str] = {"video": "video/mp4", "thumbnail": "image/jpeg"}
 
@@ -75,82 +83,94 @@ class JobRecord(BaseModel):
     request: str = Field(description="JSON of the internal request (brief, profile, campaign, options)")
     num_frames: int | None = Field(default=None, ge=1, description="frames in the planned storyboard")
     timings: dict[str, float | None] | None = Field(default=None, description="seconds per stage")
+    kind: ProductionKind = Field(default="job", description="how it was asked for: queued job, stream, sync")
+    attempts: int = Field(default=0, ge=0, description="productions started (a lost worker's job is retried)")
 
 
 _COLUMNS = tuple(JobRecord.model_fields)
 _JSON_COLUMNS = ("error", "timings")
-_IMMUTABLE = frozenset({"id", "created_at"})
+_IMMUTABLE = frozenset({"id", "created_at", "kind"})
+# One advisory lock serialises admission and claiming across every replica of the cluster.
+_ADMISSION_LOCK_KEY = 0x5E09_EE1
 
-# _MIGRATIONS[v] takes a database from PRAGMA user_version v to v + 1.
-_MIGRATIONS = (
-    """
+# Schema v1 differs by dialect (the row id); later migrations are plain SQL both dialects accept.
+_SCHEMA_V1 = """
     CREATE TABLE jobs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq {seq_type} PRIMARY KEY{seq_suffix},
         id TEXT NOT NULL UNIQUE,
-        created_at INTEGER NOT NULL,
+        created_at BIGINT NOT NULL,
         status TEXT NOT NULL CHECK (status IN ('queued', 'in_progress', 'completed', 'failed')),
         progress INTEGER NOT NULL CHECK (progress BETWEEN 0 AND 100),
         model TEXT NOT NULL,
         prompt TEXT,
         seconds TEXT NOT NULL,
         size TEXT NOT NULL,
-        completed_at INTEGER,
-        expires_at INTEGER,
+        completed_at BIGINT,
+        expires_at BIGINT,
         error TEXT,
         request TEXT NOT NULL,
         num_frames INTEGER,
         timings TEXT
     );
     CREATE INDEX jobs_by_creation ON jobs (created_at, seq);
-    CREATE INDEX jobs_unfinished ON jobs (status) WHERE status IN ('queued', 'in_progress');
-    """,
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
+    CREATE INDEX jobs_unfinished ON jobs (status) WHERE status IN ('queued', 'in_progress')
+"""
+_SCHEMA_V2 = """
+    ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job' CHECK (kind IN ('job', 'stream', 'sync'));
+    ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_expires_at DOUBLE PRECISION;
+    CREATE TABLE admissions (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('job', 'stream')),
+        expires_at DOUBLE PRECISION NOT NULL
+    )
+"""
+SCHEMA_VERSION = 2
 
 
-class JobStore:
-    """SQLite-backed job table; safe to share between threads (one connection behind a lock).
+class AdmissionRefused(Exception):
+    """A cluster-wide limit is full; ``count`` is what holds it, ``limit`` the configured bound."""
 
-    Read-modify-write updates run in ``BEGIN IMMEDIATE`` transactions, so two processes opening the
-    same file (e.g. an app restarted while the old one drains) do not lose each other's updates.
+    def __init__(self, kind: AdmissionKind, count: int, limit: int) -> None:
+        super().__init__(f"{count} {kind} admissions held, limit {limit}")
+        self.kind, self.count, self.limit = kind, count, limit
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker now owns until ``lease_expires_at`` (unix seconds) unless it renews the lease."""
+
+    record: JobRecord
+    owner: str
+    attempt: int
+
+
+class JobStore(abc.ABC):
+    """The job table and admission authority of the whole cluster, shared by every ingress replica.
+
+    Two backends keep the same rows with the same SQL: SQLite (the embedded default: one machine,
+    any number of processes) and PostgreSQL (a cluster). What must hold across replicas and nodes
+    happens in one transaction under one lock: admission (stream slots, pending jobs) and claiming
+    (cluster-wide production capacity). A claimed job carries a lease its worker renews; a job whose
+    lease lapsed (its worker, replica or node died) is claimed again, at most ``max_attempts`` times.
     """
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable apart from power loss
-        self._migrate()
+    # -- backend hooks --------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        with self._transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has job schema v{version}; this shopreel knows v{SCHEMA_VERSION} at most"
-                )
-            for script in _MIGRATIONS[version:]:
-                for statement in filter(str.strip, script.split(";")):
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    @abc.abstractmethod
+    def _transaction(self, *, exclusive: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """A connection in a transaction; ``exclusive`` also takes the cluster-wide admission lock."""
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    @abc.abstractmethod
+    def _sql(self, statement: str) -> str:
+        """Adapt ``?`` placeholders to the driver."""
 
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+    now_sql: str  # the database's clock, unix seconds: one clock for every node's leases
+    skip_locked: str  # row-locking clause of the claim's SELECT, where the database has one
+
+    def close(self) -> None:  # noqa: B027 - optional hook: SQLite and Postgres have connections to close
+        """Release connections."""
 
     def __enter__(self) -> JobStore:
         return self
@@ -158,43 +178,71 @@ class JobStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _run(self, conn: Any, statement: str, params: tuple[Any, ...] = ()) -> Any:
+        return conn.execute(self._sql(statement.replace("{now}", self.now_sql)), params)
+
+    def _apply(self, conn: Any, script: str) -> None:
+        for statement in filter(str.strip, script.split(";")):
+            conn.execute(statement)
+
+    # -- records --------------------------------------------------------------------------------
+
     def create(self, record: JobRecord) -> JobRecord:
         """Insert a new job; raises ``ValueError`` if the id is taken."""
-        row = _to_row(record)
-        try:
-            with self._transaction() as conn:
-                conn.execute(
-                    f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    tuple(row.values()),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise ValueError(f"job {record.id} already exists") from exc
+        with self._transaction() as conn:
+            if self._run(conn, "SELECT 1 FROM jobs WHERE id = ?", (record.id,)).fetchone() is not None:
+                raise ValueError(f"job {record.id} already exists")
+            self._insert(conn, record)
         return record
 
+    def _insert(self, conn: Any, record: JobRecord, owner: str | None = None, lease_s: float = 0.0) -> None:
+        row = _to_row(record)
+        columns, values = list(row), list(row.values())
+        placeholders = ["?"] * len(values)
+        if owner is not None:  # a production that starts now holds its lease from the first instant
+            columns += ["lease_owner", "lease_expires_at"]
+            placeholders += ["?", "{now} + ?"]
+            values += [owner, lease_s]
+        self._run(
+            conn,
+            f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join(placeholders)})",
+            tuple(values),
+        )
+
     def get(self, video_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (video_id,)).fetchone()
+        with self._transaction() as conn:
+            row = self._run(conn, "SELECT * FROM jobs WHERE id = ?", (video_id,)).fetchone()
         return None if row is None else _from_row(row)
 
-    def update(self, video_id: str, **fields: Any) -> JobRecord | None:
+    def update(self, video_id: str, *, owner: str | None = None, **fields: Any) -> JobRecord | None:
         """Change some fields of a job (validated as a whole record); ``None`` if the job is gone.
 
-        A worker reading ``None`` back knows its job was deleted and can stop.
+        With ``owner``, only while that worker holds the job's lease: a worker reading ``None`` back
+        knows its job was deleted or taken over, and stops.
         """
         if unknown := set(fields) - set(_COLUMNS):
             raise ValueError(f"unknown job fields: {sorted(unknown)}")
         if frozen := set(fields) & _IMMUTABLE:
             raise ValueError(f"job fields cannot change: {sorted(frozen)}")
         with self._transaction() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (video_id,)).fetchone()
+            row = self._select_owned(conn, video_id, owner)
             if row is None:
                 return None
             record = JobRecord.model_validate({**_from_row(row).model_dump(), **fields})
             values = {name: value for name, value in _to_row(record).items() if name in fields}
+            if record.status in FINISHED:  # a finished job holds no lease
+                values.update(lease_owner=None, lease_expires_at=None)
             if values:
                 assignments = ", ".join(f"{name} = ?" for name in values)
-                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), video_id))
+                self._run(conn, f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), video_id))
         return record
+
+    def _select_owned(self, conn: Any, video_id: str, owner: str | None) -> Any:
+        if owner is None:
+            return self._run(conn, "SELECT * FROM jobs WHERE id = ?", (video_id,)).fetchone()
+        return self._run(
+            conn, "SELECT * FROM jobs WHERE id = ? AND lease_owner = ?", (video_id, owner)
+        ).fetchone()
 
     def list(
         self, after: str | None = None, limit: int = 20, order: ListOrder = "desc"
@@ -210,14 +258,15 @@ class JobStore:
         direction, compare = ("ASC", ">") if order == "asc" else ("DESC", "<")
         params: tuple[Any, ...]
         where, params = "", ()
-        with self._lock:
+        with self._transaction() as conn:
             if after is not None:
-                query = "SELECT created_at, seq FROM jobs WHERE id = ?"
-                cursor = self._conn.execute(query, (after,)).fetchone()
+                cursor = self._run(conn, "SELECT created_at, seq FROM jobs WHERE id = ?", (after,)).fetchone()
                 if cursor is None:
                     raise KeyError(after)
-                where, params = f"WHERE (created_at, seq) {compare} (?, ?)", tuple(cursor)
-            rows = self._conn.execute(
+                where = f"WHERE created_at {compare} ? OR (created_at = ? AND seq {compare} ?)"
+                params = (cursor["created_at"], cursor["created_at"], cursor["seq"])
+            rows = self._run(
+                conn,
                 f"SELECT * FROM jobs {where} ORDER BY created_at {direction}, seq {direction} LIMIT ?",
                 (*params, limit + 1),
             ).fetchall()
@@ -225,20 +274,212 @@ class JobStore:
 
     def delete(self, video_id: str) -> bool:
         with self._transaction() as conn:
-            return conn.execute("DELETE FROM jobs WHERE id = ?", (video_id,)).rowcount > 0
+            self._run(conn, "DELETE FROM admissions WHERE id = ?", (video_id,))
+            return bool(self._run(conn, "DELETE FROM jobs WHERE id = ?", (video_id,)).rowcount > 0)
 
-    def requeue_interrupted(self) -> builtins.list[JobRecord]:
-        """Reset jobs a previous process left queued/in progress to ``queued``, oldest first, and return them.
-
-        Call once at startup from the one process that owns the store: a job another live process is
-        still running would otherwise be run twice.
-        """
+    def counts(self) -> dict[str, int]:
+        """Jobs per status plus live admissions per kind (``admitted_job``, ``admitted_stream``)."""
         with self._transaction() as conn:
-            rows = conn.execute(
-                "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY created_at, seq", UNFINISHED
+            rows = self._run(conn, "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+            held = self._run(
+                conn, "SELECT kind, COUNT(*) AS n FROM admissions WHERE expires_at > {now} GROUP BY kind"
             ).fetchall()
-            conn.execute("UPDATE jobs SET status = 'queued', progress = 0 WHERE status IN (?, ?)", UNFINISHED)
-        return [_from_row(row).model_copy(update={"status": "queued", "progress": 0}) for row in rows]
+        counts = {status: 0 for status in ("queued", "in_progress", "completed", "failed")}
+        counts.update({row["status"]: int(row["n"]) for row in rows})
+        counts.update({f"admitted_{row['kind']}": int(row["n"]) for row in held})
+        return counts
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def admit(self, video_id: str, kind: AdmissionKind, limit: int, hold_s: float) -> None:
+        """Take one cluster-wide slot before any model work, or raise ``AdmissionRefused``.
+
+        ``stream``: one of ``limit`` concurrent sync/streaming productions, held (and renewed with
+        ``renew``) until ``release``. ``job``: one of ``limit`` pending jobs; the slot is the job's
+        place in the queue while it is planned, and becomes the queued job itself in ``enqueue``.
+        A slot whose holder died lapses after ``hold_s`` unless renewed.
+        """
+        with self._transaction(exclusive=True) as conn:
+            self._run(conn, "DELETE FROM admissions WHERE expires_at <= {now}")
+            held = self._run(conn, "SELECT COUNT(*) AS n FROM admissions WHERE kind = ?", (kind,)).fetchone()
+            count = int(held["n"])
+            if kind == "job":
+                queued = self._run(conn, "SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued'").fetchone()
+                count += int(queued["n"])
+            if count >= limit:
+                raise AdmissionRefused(kind, count, limit)
+            self._run(
+                conn,
+                "INSERT INTO admissions (id, kind, expires_at) VALUES (?, ?, {now} + ?)",
+                (video_id, kind, hold_s),
+            )
+
+    def release(self, video_id: str) -> None:
+        """Give an admission slot back (idempotent)."""
+        with self._transaction() as conn:
+            self._run(conn, "DELETE FROM admissions WHERE id = ?", (video_id,))
+
+    def enqueue(self, record: JobRecord) -> JobRecord:
+        """Turn a planned job's admission slot into the queued job, atomically."""
+        with self._transaction() as conn:
+            self._insert(conn, record.model_copy(update={"status": "queued", "kind": "job"}))
+            self._run(conn, "DELETE FROM admissions WHERE id = ?", (record.id,))
+        return record
+
+    def start(self, record: JobRecord, owner: str, lease_s: float) -> JobRecord:
+        """Record a sync/streaming production that ``owner`` runs now, leased from the first instant.
+
+        If its owner dies the lease lapses and a worker produces it as a job: the video the client
+        was promised stays downloadable by id.
+        """
+        started = record.model_copy(update={"status": "in_progress", "attempts": 1})
+        with self._transaction() as conn:
+            self._insert(conn, started, owner=owner, lease_s=lease_s)
+        return started
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    def claim(self, owner: str, *, lease_s: float, max_running: int, max_attempts: int) -> Claim | None:
+        """Take the oldest job waiting for a worker: queued, or in progress under a lapsed lease.
+
+        At most ``max_running`` jobs (kind ``job``) run under live leases in the whole cluster. A job
+        already started ``max_attempts`` times is failed with the reason instead of run again.
+        """
+        with self._transaction(exclusive=True) as conn:
+            running = self._run(
+                conn,
+                "SELECT COUNT(*) AS n FROM jobs WHERE status = 'in_progress' AND kind = 'job'"
+                " AND lease_expires_at > {now}",
+            ).fetchone()
+            if int(running["n"]) >= max_running:
+                return None
+            while True:
+                row = self._run(
+                    conn,
+                    "SELECT * FROM jobs WHERE status = 'queued'"
+                    " OR (status = 'in_progress' AND (lease_expires_at IS NULL OR lease_expires_at <= {now}))"
+                    f" ORDER BY created_at, seq LIMIT 1{self.skip_locked}",
+                ).fetchone()
+                if row is None:
+                    return None
+                record = _from_row(row)
+                if record.attempts >= max_attempts:
+                    error: JobError = {
+                        "code": "production_interrupted",
+                        "message": f"the video's production stopped {record.attempts} times (a replica or "
+                        "node was lost each time); it was not retried again",
+                    }
+                    self._run(
+                        conn,
+                        "UPDATE jobs SET status = 'failed', error = ?, lease_owner = NULL,"
+                        " lease_expires_at = NULL WHERE id = ?",
+                        (json.dumps(error), record.id),
+                    )
+                    continue
+                attempt = record.attempts + 1
+                self._run(
+                    conn,
+                    "UPDATE jobs SET status = 'in_progress', progress = 0, attempts = ?, kind = 'job',"
+                    " lease_owner = ?, lease_expires_at = {now} + ? WHERE id = ?",
+                    (attempt, owner, lease_s, record.id),
+                )
+                claimed = record.model_copy(
+                    update={"status": "in_progress", "progress": 0, "attempts": attempt, "kind": "job"}
+                )
+                return Claim(record=claimed, owner=owner, attempt=attempt)
+
+    def renew(self, video_id: str, owner: str, lease_s: float) -> bool:
+        """Extend a lease (and the job's admission slot, if any); False if the job is gone or not ours."""
+        with self._transaction() as conn:
+            renewed = self._run(
+                conn,
+                "UPDATE jobs SET lease_expires_at = {now} + ? WHERE id = ? AND lease_owner = ?"
+                " AND status = 'in_progress'",
+                (lease_s, video_id, owner),
+            ).rowcount
+            self._run(conn, "UPDATE admissions SET expires_at = {now} + ? WHERE id = ?", (lease_s, video_id))
+        return bool(renewed)
+
+    def requeue(self, video_id: str, owner: str) -> bool:
+        """Hand an owned job back to the queue at once (a stage was lost; the attempt still counts)."""
+        with self._transaction() as conn:
+            return bool(
+                self._run(
+                    conn,
+                    "UPDATE jobs SET status = 'queued', progress = 0, lease_owner = NULL,"
+                    " lease_expires_at = NULL WHERE id = ? AND lease_owner = ?",
+                    (video_id, owner),
+                ).rowcount
+            )
+
+
+class SqliteJobStore(JobStore):
+    """The embedded backend: one SQLite file (WAL) that every process on this machine may open.
+
+    Writes run in ``BEGIN IMMEDIATE`` transactions, which SQLite serialises across processes, so
+    admission and claims are atomic without a separate lock.
+    """
+
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+    skip_locked = ""  # BEGIN IMMEDIATE already holds the database's only write lock
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable apart from power loss
+        self._migrate()
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    def _migrate(self) -> None:
+        with self._transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has job schema v{version}; this shopreel knows v{SCHEMA_VERSION} at most"
+                )
+            if version < 1:
+                self._apply(conn, _SCHEMA_V1.format(seq_type="INTEGER", seq_suffix=" AUTOINCREMENT"))
+            if version < 2:
+                self._apply(conn, _SCHEMA_V2)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _transaction(self, *, exclusive: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_job_store(url: str, *, pool_size: int = 4) -> JobStore:
+    """``sqlite:///path/to/jobs.sqlite3`` (relative after the third slash, absolute after a fourth)
+    or ``postgresql://user:password@host:port/database``."""
+    if url.startswith("sqlite:///"):
+        return SqliteJobStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        from .store_postgres import PostgresJobStore
+
+        return PostgresJobStore(url, pool_size=pool_size)
+    raise ValueError(f"jobs.store must be sqlite:///PATH or postgresql://..., got {redact_url(url)!r}")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _to_row(record: JobRecord) -> dict[str, Any]:
@@ -249,7 +490,7 @@ def _to_row(record: JobRecord) -> dict[str, Any]:
     return row
 
 
-def _from_row(row: sqlite3.Row) -> JobRecord:
+def _from_row(row: Any) -> JobRecord:
     values = {name: row[name] for name in _COLUMNS}
     for name in _JSON_COLUMNS:
         if values[name] is not None:

@@ -23,3 +23,15 @@ def tiny_model():
     from shopreel.pipelines.presets import load_model
 
     return load_model(ModelConfig(preset="tiny", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the whole test session (tests/postgres.py); skips where none can run."""
+    from postgres import postgres_server, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres_server() as server:
+        yield server

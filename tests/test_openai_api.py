@@ -26,7 +26,7 @@ from shopreel.serve.openai_api import (
     request_to_brief,
     video_object,
 )
-from shopreel.serve.store import JobRecord, JobStore, new_video_id
+from shopreel.serve.store import JobRecord, SqliteJobStore, new_video_id
 
 # The SDK marks its video methods deprecated (Sora's shutdown date); the wire format is what we test.
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
@@ -110,7 +110,7 @@ def _serve(handler) -> openai.OpenAI:
 
 
 def test_sdk_pages_through_list(tmp_path):
-    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+    with SqliteJobStore(tmp_path / "jobs.sqlite3") as jobs:
         ids = [jobs.create(_record(created_at=100 + i)).id for i in range(5)]
         queries = []
 

@@ -49,6 +49,7 @@ def server(tmp_path_factory):
             "jobs.concurrency": 1,
             "jobs.max_pending": 2,
             "jobs.max_streams": 2,
+            "jobs.lease_s": 3,  # an interrupted job is claimed again 3 s after its replica went away
             "pipeline.generate.num_inference_steps": 2,
         },
     )

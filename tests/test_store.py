@@ -1,13 +1,23 @@
 import errno
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from shopreel.serve import store as store_module
-from shopreel.serve.store import SCHEMA_VERSION, JobRecord, JobStore, VideoStore, is_video_id, new_video_id
+from shopreel.serve.store import (
+    SCHEMA_VERSION,
+    AdmissionRefused,
+    JobRecord,
+    SqliteJobStore,
+    VideoStore,
+    is_video_id,
+    new_video_id,
+    open_job_store,
+)
 
 
 def _record(**overrides) -> JobRecord:
@@ -21,9 +31,17 @@ def _record(**overrides) -> JobRecord:
     return JobRecord(**{**values, **overrides})
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    """Each job-store test runs on both backends: a SQLite file, and a fresh database on a real server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def jobs(tmp_path):
-    with JobStore(tmp_path / "jobs.sqlite3") as store:
+def jobs(store_url):
+    with open_job_store(store_url) as store:
         yield store
 
 
@@ -121,35 +139,64 @@ def test_delete(jobs):
     assert jobs.list() == ([keep], False)
 
 
-def test_state_survives_reopening_and_interrupted_jobs_are_requeued(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    with JobStore(path) as first:
+def test_state_survives_reopening_and_lapsed_leases_are_claimed_again(store_url):
+    with open_job_store(store_url) as first:
         queued = first.create(_record(created_at=10))
         running = first.create(_record(created_at=11))
-        first.update(running.id, status="in_progress", progress=40)
+        assert first.claim("dead-worker", lease_s=0.2, max_running=8, max_attempts=3).record.id == queued.id
         done = first.create(_record(created_at=12, status="completed", progress=100, completed_at=20))
         failed = first.create(_record(created_at=13, status="failed", error={"code": "x", "message": "y"}))
-    # The process "crashed" here; a new one opens the same file.
-    with JobStore(path) as second:
-        assert second.get(running.id).status == "in_progress"
-        requeued = second.requeue_interrupted()
-        assert [r.id for r in requeued] == [queued.id, running.id]
-        assert all(r.status == "queued" and r.progress == 0 for r in requeued)
-        assert requeued == [second.get(queued.id), second.get(running.id)]
+    # The process "crashed" here; a new one opens the same store once the dead worker's lease lapsed.
+    time.sleep(0.3)
+    with open_job_store(store_url) as second:
+        assert second.get(queued.id).status == "in_progress"
+        claims = [second.claim("new-worker", lease_s=30, max_running=8, max_attempts=3) for _ in range(3)]
+        assert [c.record.id for c in claims[:2]] == [queued.id, running.id] and claims[2] is None
+        assert [c.attempt for c in claims[:2]] == [2, 1]  # the lapsed one counts its earlier attempt
         assert second.get(done.id) == done and second.get(failed.id) == failed
         assert [r.id for r in second.list(order="asc")[0]] == [queued.id, running.id, done.id, failed.id]
 
 
 def test_schema_is_versioned(tmp_path):
     path = tmp_path / "jobs.sqlite3"
-    JobStore(path).close()
+    SqliteJobStore(path).close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(RuntimeError, match="schema"):
-        JobStore(path)
+        SqliteJobStore(path)
+
+
+def test_version_1_files_are_migrated(tmp_path):
+    """A data dir written before leases existed opens, and its unfinished jobs are claimable."""
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(store_module._SCHEMA_V1.format(seq_type="INTEGER", seq_suffix=" AUTOINCREMENT"))
+        conn.execute(
+            "INSERT INTO jobs (id, created_at, status, progress, model, seconds, size, request)"
+            " VALUES (?, 1, 'in_progress', 40, 'm', '4', '64x64', '{}')",
+            (video_id := new_video_id(),),
+        )
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with SqliteJobStore(path) as store:
+        assert store.get(video_id).kind == "job"
+        assert store.claim("w", lease_s=30, max_running=1, max_attempts=3).record.id == video_id
+
+
+def test_postgres_schema_is_versioned(postgres):
+    url = postgres.new_database()
+    open_job_store(url).close()
+    open_job_store(url).close()  # a second replica starting on a migrated database changes nothing
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM shopreel_schema").fetchall() == [(SCHEMA_VERSION,)]
+        conn.execute("UPDATE shopreel_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(RuntimeError, match="schema"):
+        open_job_store(url)
 
 
 def test_store_is_shared_between_threads(jobs):
@@ -163,7 +210,135 @@ def test_store_is_shared_between_threads(jobs):
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(jobs.requeue_interrupted()) == 160
+    assert jobs.counts()["in_progress"] == 160
+
+
+# --- cluster-wide admission and claims -------------------------------------------------------------
+
+
+def _replicas(url: str, count: int) -> list:
+    """Separate store objects (own connections), as separate ingress replicas would have."""
+    return [open_job_store(url) for _ in range(count)]
+
+
+def test_admission_never_exceeds_the_limit_under_a_burst(store_url):
+    """40 concurrent stream admissions from 4 "replicas" against 4 slots: exactly 4 get in."""
+    replicas = _replicas(store_url, 4)
+    admitted, refused = [], []
+    barrier = threading.Barrier(40)
+
+    def ask(index: int) -> None:
+        video_id = new_video_id()
+        barrier.wait()
+        try:
+            replicas[index % 4].admit(video_id, "stream", limit=4, hold_s=30)
+            admitted.append(video_id)
+        except AdmissionRefused as exc:
+            assert exc.limit == 4 and exc.count >= 4
+            refused.append(video_id)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(admitted), len(refused)) == (4, 36)
+    assert replicas[0].counts()["admitted_stream"] == 4
+    replicas[1].release(admitted[0])
+    replicas[2].admit(new_video_id(), "stream", limit=4, hold_s=30)  # a released slot is free again
+    for store in replicas:
+        store.close()
+
+
+def test_pending_jobs_count_queued_and_admitted(jobs):
+    first, second = _record(), _record()
+    jobs.admit(first.id, "job", limit=2, hold_s=30)
+    jobs.admit(second.id, "job", limit=2, hold_s=30)
+    with pytest.raises(AdmissionRefused):
+        jobs.admit(new_video_id(), "job", limit=2, hold_s=30)
+    jobs.enqueue(first)  # the slot becomes the queued job: still 2 pending
+    with pytest.raises(AdmissionRefused):
+        jobs.admit(new_video_id(), "job", limit=2, hold_s=30)
+    assert jobs.counts()["queued"] == 1 and jobs.counts()["admitted_job"] == 1
+    jobs.claim("w", lease_s=30, max_running=4, max_attempts=3)  # running jobs are not pending
+    jobs.admit(new_video_id(), "job", limit=2, hold_s=30)
+
+
+def test_a_dead_holders_admission_lapses(jobs):
+    jobs.admit(new_video_id(), "stream", limit=1, hold_s=0.2)
+    with pytest.raises(AdmissionRefused):
+        jobs.admit(new_video_id(), "stream", limit=1, hold_s=30)
+    time.sleep(0.3)
+    jobs.admit(new_video_id(), "stream", limit=1, hold_s=30)
+
+
+def test_claims_are_exclusive_and_capacity_is_cluster_wide(store_url):
+    replicas = _replicas(store_url, 3)
+    for index in range(6):
+        replicas[0].enqueue(_record(created_at=index))
+    claimed: list = []
+    barrier = threading.Barrier(12)
+
+    def work(index: int) -> None:
+        barrier.wait()
+        claim = replicas[index % 3].claim(f"worker-{index}", lease_s=30, max_running=4, max_attempts=3)
+        if claim is not None:
+            claimed.append(claim.record.id)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 4 == len(set(claimed))  # the cluster-wide bound, no job twice
+    assert replicas[1].counts() | {} == {**replicas[1].counts(), "queued": 2, "in_progress": 4}
+    for store in replicas:
+        store.close()
+
+
+def test_lease_renewal_ownership_and_bounded_attempts(jobs):
+    record = jobs.enqueue(_record())
+    claim = jobs.claim("a", lease_s=0.3, max_running=1, max_attempts=2)
+    assert claim.attempt == 1 and claim.record.status == "in_progress"
+    assert jobs.renew(record.id, "a", lease_s=0.3) and not jobs.renew(record.id, "b", lease_s=30)
+    assert jobs.claim("b", lease_s=30, max_running=2, max_attempts=2) is None  # the lease is live
+    time.sleep(0.4)
+    retaken = jobs.claim("b", lease_s=0.2, max_running=1, max_attempts=2)
+    assert (retaken.record.id, retaken.attempt) == (record.id, 2)
+    # The first worker woke up late: its writes no longer land.
+    assert jobs.update(record.id, owner="a", status="completed", progress=100) is None
+    assert not jobs.renew(record.id, "a", lease_s=30)
+    time.sleep(0.3)
+    assert jobs.claim("c", lease_s=30, max_running=1, max_attempts=2) is None  # attempts used up
+    failed = jobs.get(record.id)
+    assert failed.status == "failed" and failed.error["code"] == "production_interrupted"
+    assert "2 times" in failed.error["message"]
+
+
+def test_requeue_hands_a_job_back_and_owner_completes(jobs):
+    record = jobs.enqueue(_record())
+    claim = jobs.claim("a", lease_s=30, max_running=1, max_attempts=3)
+    assert jobs.requeue(record.id, "a") and jobs.get(record.id).status == "queued"
+    claim = jobs.claim("b", lease_s=30, max_running=1, max_attempts=3)
+    assert claim.attempt == 2
+    done = jobs.update(record.id, owner="b", status="completed", progress=100, completed_at=5)
+    assert done.status == "completed" and not jobs.renew(record.id, "b", lease_s=30)
+
+
+def test_started_streams_are_leased_and_taken_over_when_their_owner_dies(jobs):
+    record = jobs.start(_record(kind="stream"), owner="ingress-1", lease_s=0.2)
+    assert jobs.get(record.id).status == "in_progress"
+    assert jobs.claim("w", lease_s=30, max_running=1, max_attempts=3) is None
+    time.sleep(0.3)
+    claim = jobs.claim("w", lease_s=30, max_running=1, max_attempts=3)
+    assert claim.record.id == record.id and claim.attempt == 2 and claim.record.kind == "job"
+
+
+def test_store_urls():
+    with pytest.raises(ValueError, match="sqlite:///PATH or postgresql") as info:
+        open_job_store("mysql://root:secret@db/x")
+    assert "secret" not in str(info.value)
+    assert store_module.redact_url("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
 
 
 # --- VideoStore ------------------------------------------------------------------------------------

@@ -1,0 +1,269 @@
+"""Replica loss inside a request, without a cluster: the compositor against in-process stages.
+
+The compositor talks to generator and renderer through Serve handles; here those handles are fakes
+that call real in-process stage objects (tiny preset, torch renderer, CPU) and raise Ray's
+``ActorDiedError`` where a replica would die. ``tests/test_faults.py`` kills real replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import pickle
+from collections.abc import AsyncIterator
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from ray.exceptions import ActorDiedError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
+from storyboards import make_storyboard
+
+from shopreel.pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, RenderConfig
+from shopreel.pipelines.generate import LatentGenerator
+from shopreel.pipelines.types import LatentChunk
+from shopreel.serve.config import ServeConfig
+from shopreel.serve.deployments import (
+    ChunkLedger,
+    CompositorDeployment,
+    GeneratorDeployment,
+    Produced,
+    ProductionOrder,
+    RendererDeployment,
+    RetryPolicy,
+    StageUnavailable,
+    replica_lost,
+)
+
+NO_WAIT = RetryPolicy(backoff_s=(0.0,))
+
+
+def _chunk(shot: int, index: int, *, last: bool = False) -> LatentChunk:
+    return LatentChunk("r", shot, index, 2 * index, 2 * index + 2, None, is_last=last, is_last_shot=False)
+
+
+# --- the ledger: which chunks a re-issued generator stream must not render again -----------------
+
+
+def test_ledger_resumes_at_the_first_incomplete_shot_and_drops_resent_chunks():
+    ledger = ChunkLedger(3)
+    assert [ledger.accept(c) for c in (_chunk(0, 0), _chunk(0, 1, last=True), _chunk(1, 0))] == [True] * 3
+    assert (ledger.resume_shot, ledger.complete) == (1, False)
+    # The generator died inside shot 1; the re-issued stream starts at shot 1 and sends chunk 0 again.
+    assert ledger.accept(_chunk(1, 0)) is False
+    assert ledger.accept(_chunk(1, 1)) is True
+    assert ledger.accept(_chunk(1, 2, last=True)) is True
+    assert ledger.resume_shot == 2
+    assert ledger.accept(_chunk(0, 1, last=True)) is False  # a whole earlier shot, too
+    assert ledger.accept(_chunk(2, 0, last=True)) is True
+    assert ledger.complete
+
+
+def test_ledger_refuses_a_hole():
+    ledger = ChunkLedger(2)
+    ledger.accept(_chunk(0, 0))
+    with pytest.raises(RuntimeError, match="expected shot 0 chunk 1"):
+        ledger.accept(_chunk(0, 2))
+    with pytest.raises(RuntimeError, match="expected shot 0 chunk 1"):
+        ledger.accept(_chunk(1, 0))
+    with pytest.raises(ValueError, match="num_shots"):
+        ChunkLedger(0)
+
+
+def test_what_counts_as_a_lost_replica():
+    assert replica_lost(ActorDiedError())
+    assert replica_lost(DeploymentUnavailableError(None))  # type: ignore[arg-type]
+    assert not replica_lost(ValueError("bad chunk"))
+    wrapped = RayTaskError("render", "traceback", ActorDiedError())
+    assert replica_lost(wrapped)
+    assert not replica_lost(RayTaskError("render", "traceback", ValueError("x")))
+
+
+def test_stage_unavailable_message_is_clean_and_survives_pickling():
+    error = pickle.loads(pickle.dumps(StageUnavailable("renderer", 5)))
+    assert isinstance(error, StageUnavailable) and (error.stage, error.attempts) == ("renderer", 5)
+    assert str(error) == "renderer replicas kept failing (5 attempts); try again later"
+
+
+def test_generate_from_a_start_shot_equals_the_tail_of_a_full_run(tiny_model):
+    generator = LatentGenerator(tiny_model, GenerateConfig(chunk_latent_frames=2))
+    storyboard = make_storyboard(shot_frames=(9, 13, 9))
+    full = list(generator.generate(storyboard, request_id="r", num_inference_steps=2))
+    tail = list(generator.generate(storyboard, request_id="r", num_inference_steps=2, start_shot=1))
+    expected = [c for c in full if c.shot_index >= 1]
+    assert [(c.shot_index, c.chunk_index, c.is_last, c.is_last_shot) for c in tail] == [
+        (c.shot_index, c.chunk_index, c.is_last, c.is_last_shot) for c in expected
+    ]
+    for got, want in zip(tail, expected, strict=True):
+        assert torch.equal(got.latents, want.latents)
+    with pytest.raises(ValueError, match="start_shot"):
+        next(generator.generate(storyboard, request_id="r", start_shot=3))
+
+
+# --- the compositor with stages whose replicas die -------------------------------------------------
+
+
+def _config() -> ServeConfig:
+    return ServeConfig(
+        warmup=False,
+        pipeline=PipelineConfig(
+            model=ModelConfig(preset="tiny", device="cpu"), render=RenderConfig(backend="torch")
+        ),
+    )
+
+
+class _Remote:
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn
+
+
+class _Stream:
+    """What ``handle.options(stream=True).generate.remote(...)`` returns, dying after some chunks."""
+
+    def __init__(self, source: AsyncIterator[Any], die_after_chunks: int | None) -> None:
+        self.source = source
+        self.die_after_chunks = die_after_chunks
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[Any]:
+        chunks = 0
+        try:
+            async for item in self.source:
+                if isinstance(item, LatentChunk):
+                    if chunks == self.die_after_chunks:
+                        raise ActorDiedError()
+                    chunks += 1
+                yield item
+        finally:
+            await self.source.aclose()  # type: ignore[attr-defined]
+
+    def cancel(self) -> None:
+        pass
+
+
+class FakeGenerator:
+    """Serve handle stand-in: call n of ``generate`` dies after ``die_after[n]`` chunks (None: never)."""
+
+    def __init__(self, replica: Any, die_after: list[int | None]) -> None:
+        self.replica = replica
+        self.die_after = list(die_after)
+        self.start_shots: list[int] = []
+        self.generate = _Remote(self._generate)
+
+    def options(self, **_: Any) -> FakeGenerator:
+        return self
+
+    def _generate(self, *args: Any, start_shot: int = 0) -> _Stream:
+        self.start_shots.append(start_shot)
+        die = self.die_after.pop(0) if self.die_after else None
+        return _Stream(self.replica.generate(*args, start_shot=start_shot), die)
+
+
+class FakeRenderer:
+    """Serve handle stand-in: the replica dies on the first render of each chunk in ``die_on``.
+
+    A death replaces the replica with a fresh one, which holds no causal caches (as after a restart).
+    """
+
+    def __init__(self, config: ServeConfig, die_on: set[tuple[int, int]], *, always: bool = False) -> None:
+        self.config = config
+        self.replica = RendererDeployment.func_or_class(config)
+        self.die_on = set(die_on)
+        self.always = always
+        self.calls: list[tuple[int, int, int | None, str]] = []  # shot, chunk, history frames, outcome
+        self.render = _Remote(self._render)
+
+    def options(self, **_: Any) -> FakeRenderer:
+        return self
+
+    async def _render(self, chunk: LatentChunk, history: np.ndarray | None = None) -> Any:
+        key = (chunk.shot_index, chunk.chunk_index)
+        sent = None if history is None else history.shape[2]
+        if self.always or key in self.die_on:
+            self.die_on.discard(key)
+            self.replica = RendererDeployment.func_or_class(self.config)
+            self.calls.append((*key, sent, "died"))
+            raise ActorDiedError()
+        result = await self.replica.render(chunk, history)
+        self.calls.append((*key, sent, type(result).__name__))
+        return result
+
+
+@pytest.fixture(scope="module")
+def generator_replica():
+    return GeneratorDeployment.func_or_class(_config())
+
+
+STORYBOARD = make_storyboard(shot_frames=(13, 13, 9), crossfade=2)  # chunks per shot: 2, 2, 2
+
+
+def _produce(generator: Any, renderer: Any, retry: RetryPolicy = NO_WAIT) -> Produced:
+    compositor = CompositorDeployment.func_or_class(_config(), generator, renderer, retry)
+    order = ProductionOrder(request_id="video_r", storyboard=STORYBOARD, audio="none", num_inference_steps=2)
+
+    async def run() -> Produced:
+        produced = None
+        async for event in compositor.produce(order):
+            if isinstance(event, Produced):
+                produced = event
+        assert produced is not None
+        return produced
+
+    return asyncio.run(run())
+
+
+def _frames(mp4: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(mp4)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def reference(generator_replica):
+    return _frames(_produce(FakeGenerator(generator_replica, []), FakeRenderer(_config(), set())).mp4)
+
+
+def test_lost_replicas_mid_video_give_the_same_frames(generator_replica, reference):
+    generator = FakeGenerator(generator_replica, [3, None])  # dies after shot 0 and shot 1's chunk 0
+    renderer = FakeRenderer(_config(), {(1, 1), (2, 0)})
+    produced = _produce(generator, renderer)
+
+    np.testing.assert_array_equal(_frames(produced.mp4), reference)
+    assert len(reference) == STORYBOARD.total_frames
+    assert generator.start_shots == [0, 1]  # resumed at the shot it had not finished
+    rendered = [(shot, chunk) for shot, chunk, _, outcome in renderer.calls if outcome == "FrameChunk"]
+    # Every chunk decoded once: shot 1's chunk 0, sent again by the resumed stream, was not.
+    assert sorted(rendered) == [(s, c) for s in range(3) for c in range(2)]
+    # The lost chunk went to the replacement with the shot's earlier latents; the next shot started fresh.
+    assert (1, 1, 2, "FrameChunk") in renderer.calls and (2, 0, None, "FrameChunk") in renderer.calls
+    assert produced.timings["render_retries"] == 2 and produced.timings["generate_restarts"] == 1
+    assert len(produced.shot_denoised_at) == 3
+
+
+def test_spent_retries_fail_with_a_clean_stage_error(generator_replica):
+    retry = RetryPolicy(attempts=3, backoff_s=(0.0,))
+    renderer = FakeRenderer(_config(), set(), always=True)
+    with pytest.raises(StageUnavailable, match="^renderer replicas kept failing") as caught:
+        _produce(FakeGenerator(generator_replica, []), renderer, retry)
+    assert isinstance(caught.value.__cause__, ActorDiedError) and caught.value.attempts == 3
+    assert [outcome for shot, chunk, _, outcome in renderer.calls if (shot, chunk) == (0, 0)] == ["died"] * 3
+
+    generator = FakeGenerator(generator_replica, [1, 0, 0, 0, 0, 0])
+    with pytest.raises(StageUnavailable, match="^generator replicas kept failing"):
+        _produce(generator, FakeRenderer(_config(), set()), retry)
+    assert generator.start_shots == [0, 0, 0]  # no progress after the first chunk: 3 attempts in a row
+
+
+def test_a_stage_error_that_is_not_a_lost_replica_is_not_retried(generator_replica):
+    class BadRenderer(FakeRenderer):
+        async def _render(self, chunk: LatentChunk, history: np.ndarray | None = None) -> Any:
+            self.calls.append((chunk.shot_index, chunk.chunk_index, None, "refused"))
+            raise ValueError("bad chunk")
+
+    renderer = BadRenderer(_config(), set())
+    with pytest.raises(ValueError, match="bad chunk"):
+        _produce(FakeGenerator(generator_replica, []), renderer)
+    assert len(renderer.calls) <= 2  # the chunks in flight when the first error arrived, none retried
