@@ -372,6 +372,10 @@ def serve(
     ] = None,
     preset: Annotated[str | None, typer.Option(help="preset name or checkpoint directory")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="where job records and videos are kept")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Prometheus port of the embedded Ray cluster's metrics agent; default: Ray's pick"),
+    ] = None,
 ) -> None:
     """Run the serving cluster (embedded Ray on this machine unless --address) until Ctrl-C."""
     import signal
@@ -394,7 +398,7 @@ def serve(
         f"starting shopreel ({settings.model_name}, preset {settings.pipeline.model.preset}) ...", err=True
     )
     try:
-        server = start(settings, host=host, port=port, address=address)
+        server = start(settings, host=host, port=port, address=address, metrics_export_port=metrics_port)
     except (TimeoutError, ValueError, ConnectionError) as exc:
         raise _fail(f"could not start: {exc}") from None
     typer.echo(f"shopreel is serving at {server.url}  (OpenAI API: {server.url}/v1, Ctrl-C stops)")

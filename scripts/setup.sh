@@ -22,7 +22,16 @@ else
   torch_spec="torch==2.13.0"       # CPU build
 fi
 
-# 2. Skip the install when pyproject.toml and the torch choice are what we installed last time.
+# 2. The job-store tests start a throwaway PostgreSQL server from the machine's binaries; install them
+#    where they are missing and apt-get can (as root). Without them those tests skip, saying why.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing PostgreSQL server binaries (apt-get) for the job-store tests" >&2
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } >/dev/null 2>&1 \
+    || echo "setup: could not install PostgreSQL; its tests will skip" >&2
+fi
+
+# 3. Skip the install when pyproject.toml and the torch choice are what we installed last time.
 stamp="$venv/.shopreel-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c 'import shopreel' 2>/dev/null; then

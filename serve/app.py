@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shopreel.pipelines.presets import resolve_preset
 from shopreel.pipelines.types import Campaign, ProductBrief, ShopperProfile, Storyboard
 
+from . import stage_metrics as sm
 from .config import ServeConfig
 from .deployments import (
     CompositorDeployment,
@@ -215,6 +216,8 @@ class Ingress:
         self.jobs = open_job_store(config.jobs.store_url(), pool_size=config.jobs.store_pool_size)
         self.videos = VideoStore(config.jobs.videos_path())
         self.metrics = ServingMetrics()
+        # Job-store-wide gauges through Ray's metrics export (seen from every node, unlike /metrics).
+        self.cluster_metrics = sm.stage_metrics("ingress")
         # This replica's name on the leases it holds; a restarted replica is a new owner.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.job_waiting: asyncio.Event | None = None
@@ -559,6 +562,9 @@ class Ingress:
     async def _update_queue_depth(self) -> None:
         counts = await asyncio.to_thread(self.jobs.counts)
         self.metrics.queue_depth.set(counts["queued"])
+        self.cluster_metrics.set(sm.JOBS_QUEUED, counts["queued"])
+        self.cluster_metrics.set(sm.JOBS_IN_PROGRESS, counts["in_progress"])
+        self.cluster_metrics.set(sm.STREAMS_ADMITTED, counts.get("admitted_stream", 0))  # absent when none
 
     async def _keep_lease(self, video_id: str, production: asyncio.Task[None]) -> None:
         """Renew the production's lease (and stream slot); stop it if the job was deleted or taken over."""

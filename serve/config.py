@@ -8,12 +8,15 @@ bounds, and a one-line doc. Replicas ask for fractional CPUs there because Ray g
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shopreel.pipelines.config import PipelineConfig
+
+JOBS_STORE_ENV = "SHOPREEL_JOBS_STORE"
 
 
 class _Config(BaseModel):
@@ -88,7 +91,7 @@ class JobSettings(_Config):
     )
     store: str | None = Field(
         default=None,
-        description="job store URL: sqlite:///PATH or postgresql://...; None: SQLite in data_dir",
+        description="job store URL: sqlite:///PATH or postgresql://...; None: $SHOPREEL_JOBS_STORE or SQLite",
     )
     video_dir: Path | None = Field(
         default=None, description="finished videos (shared storage when several nodes serve); None: data_dir"
@@ -117,30 +120,40 @@ class JobSettings(_Config):
     video_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="expires_at horizon")
 
     def store_url(self) -> str:
-        return self.store or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').absolute()}"
+        """``store``, else $SHOPREEL_JOBS_STORE (a password stays out of config files), else SQLite."""
+        return (
+            self.store
+            or os.environ.get(JOBS_STORE_ENV)
+            or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').absolute()}"
+        )
 
     def videos_path(self) -> Path:
         return self.video_dir or self.data_dir / "videos"
 
 
+# Each stage's own defaults. A config that sets some fields of a stage (``ingress: {num_replicas: 2}``)
+# keeps these for the rest, rather than DeploymentSettings' generic ones.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "planner": {"num_cpus": 0.1},
+    "generator": {"num_cpus": 0.5, "max_ongoing_requests": 2},
+    "renderer": {"num_cpus": 0.5, "max_ongoing_requests": 4},
+    "compositor": {"num_cpus": 0.25, "max_ongoing_requests": 8},
+    "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64, "max_queued_requests": -1},
+}
+
+
+def _stage_default(stage: str) -> DeploymentSettings:
+    return DeploymentSettings(**STAGE_DEFAULTS[stage])
+
+
 class ServeConfig(_Config):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="model and stage settings")
     model_name: str = Field(default="shopreel-tiny", min_length=1, max_length=64, description="/v1/models id")
-    planner: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(num_cpus=0.1))
-    generator: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_cpus=0.5, max_ongoing_requests=2)
-    )
-    renderer: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_cpus=0.5, max_ongoing_requests=4)
-    )
-    compositor: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_cpus=0.25, max_ongoing_requests=8)
-    )
-    ingress: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(
-            num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=-1
-        )
-    )
+    planner: DeploymentSettings = Field(default_factory=lambda: _stage_default("planner"))
+    generator: DeploymentSettings = Field(default_factory=lambda: _stage_default("generator"))
+    renderer: DeploymentSettings = Field(default_factory=lambda: _stage_default("renderer"))
+    compositor: DeploymentSettings = Field(default_factory=lambda: _stage_default("compositor"))
+    ingress: DeploymentSettings = Field(default_factory=lambda: _stage_default("ingress"))
     jobs: JobSettings = Field(default_factory=JobSettings)
     render_in_flight: int = Field(
         default=2, ge=1, le=32, description="latent chunks of one video being decoded at once (across shots)"
@@ -152,3 +165,13 @@ class ServeConfig(_Config):
         description="intra-op threads of torch stages; None: every core (Ray would set 1 per fractional CPU)",
     )
     warmup: bool = Field(default=True, description="run one tiny request through every stage before /readyz")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_stage_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for stage, defaults in STAGE_DEFAULTS.items():
+                given = data.get(stage)
+                if isinstance(given, dict):
+                    data = {**data, stage: {**defaults, **given}}
+        return data

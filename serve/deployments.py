@@ -64,6 +64,7 @@ from shopreel.pipelines.types import (
 )
 from shopreel.pipelines.understand import build_planner
 
+from . import stage_metrics as sm
 from .config import ServeConfig
 
 logger = logging.getLogger("shopreel.serve")
@@ -333,6 +334,8 @@ class GeneratorDeployment:
         self.executor = ThreadPoolExecutor(
             max_workers=config.generator.max_ongoing_requests, thread_name_prefix="denoise"
         )
+        self.stage_metrics = sm.stage_metrics("generator")
+        self.stage_metrics.set(sm.GENERATE_ACTIVE, 0)  # the series exists before the first video
         if config.warmup:
             for _ in self.generator.generate(warmup_storyboard(), request_id="warmup", num_inference_steps=1):
                 pass
@@ -370,6 +373,9 @@ class GeneratorDeployment:
                     start_shot=start_shot,
                 )
                 for chunk in chunks:
+                    if chunk.chunk_index == 0:  # a shot's first chunk carries its denoise time
+                        self.stage_metrics.observe(sm.DENOISE_SECONDS, chunk.timings.get("denoise_s", 0.0))
+                        self.stage_metrics.inc(sm.SHOTS_DENOISED)
                     latents = chunk.latents.float().cpu().numpy()  # type: ignore[attr-defined]
                     timings = {**chunk.timings, "denoised_at": time.time()}
                     loop.call_soon_threadsafe(
@@ -381,6 +387,7 @@ class GeneratorDeployment:
                 loop.call_soon_threadsafe(events.put_nowait, end)
 
         worker = loop.run_in_executor(self.executor, work)
+        self.stage_metrics.add(sm.GENERATE_ACTIVE, 1)
         try:
             while (item := await events.get()) is not end:
                 if isinstance(item, BaseException):
@@ -390,7 +397,10 @@ class GeneratorDeployment:
                 yield item
         finally:
             cancelled.set()
-            await asyncio.shield(worker)
+            try:
+                await asyncio.shield(worker)
+            finally:
+                self.stage_metrics.add(sm.GENERATE_ACTIVE, -1)
 
     async def ready(self) -> bool:
         return True
@@ -417,6 +427,8 @@ class RendererDeployment:
         self.executor = ThreadPoolExecutor(
             max_workers=config.renderer.max_ongoing_requests, thread_name_prefix="decode"
         )
+        self.stage_metrics = sm.stage_metrics("renderer")
+        self.stage_metrics.set(sm.CAUSAL_CACHES, 0)
         if config.warmup:
             # Past the first two latent frames an optimised backend exports/loads its graph for this
             # size and checks it against torch: done here, not on the first viewer's request.
@@ -448,25 +460,35 @@ class RendererDeployment:
             async with lock:
                 expected = self.renderer.next_latent(*shot)
                 if chunk.latent_start == expected:
-                    return await loop.run_in_executor(self.executor, self._render, chunk)
+                    return self._count(await loop.run_in_executor(self.executor, self._render, chunk))
                 if chunk.latent_start == 0:  # the shot's first chunk again: start the shot over
                     self.renderer.release(*shot)
-                    return await loop.run_in_executor(self.executor, self._render, chunk)
+                    return self._count(await loop.run_in_executor(self.executor, self._render, chunk))
                 if history is None or history.shape[2] != chunk.latent_start:
                     return NeedHistory(next_latent=expected)
-                return await loop.run_in_executor(self.executor, self._rebuild_and_render, chunk, history)
+                return self._count(
+                    await loop.run_in_executor(self.executor, self._rebuild_and_render, chunk, history)
+                )
         finally:
+            self.stage_metrics.set(sm.CAUSAL_CACHES, self.renderer.active_streams)
             if chunk.is_last and not lock.locked():
                 self._shot_locks.pop(shot, None)
             if len(self._shot_locks) > MAX_IDLE_SHOT_LOCKS:  # shots of abandoned requests
-                for key in [key for key, held in self._shot_locks.items() if not held.locked()]:
-                    del self._shot_locks[key]
+                for stale in [k for k, held in self._shot_locks.items() if not held.locked()]:
+                    del self._shot_locks[stale]
+
+    def _count(self, frames: FrameChunk) -> FrameChunk:
+        """Record a delivered chunk (not warm-up, not a rebuild's history pass)."""
+        self.stage_metrics.observe(sm.DECODE_SECONDS, frames.timings.get("decode_s", 0.0))
+        self.stage_metrics.inc(sm.CHUNKS_DECODED)
+        return frames
 
     def _render(self, chunk: LatentChunk) -> FrameChunk:
         latents = self.torch.from_numpy(np.asarray(chunk.latents))
         return self.renderer.render(replace(chunk, latents=latents))
 
     def _rebuild_and_render(self, chunk: LatentChunk, history: np.ndarray) -> FrameChunk:
+        self.stage_metrics.inc(sm.HISTORY_REBUILDS)
         self.renderer.release(chunk.request_id, chunk.shot_index)
         prefix = LatentChunk(
             chunk.request_id,
@@ -510,12 +532,15 @@ class CompositorDeployment:
         self.generator = generator
         self.renderer = renderer
         self.retry = retry or RetryPolicy()
+        self.stage_metrics = sm.stage_metrics("compositor")
+        self.stage_metrics.set(sm.VIDEOS_IN_FLIGHT, 0)
 
     async def produce(
         self, order: ProductionOrder
     ) -> AsyncIterator[ProductionProgress | Fragment | Produced]:
         storyboard = order.storyboard
         request_id = order.request_id
+        started = time.perf_counter()
         session = await asyncio.to_thread(
             self.compositor.open,
             storyboard,
@@ -666,7 +691,17 @@ class CompositorDeployment:
         steps_done = [0] * len(storyboard.shots)
         frames_done = 0
         frames_total = sum(shot.num_frames for shot in storyboard.shots)
+        first_fragment = True
+
+        def fragment(data: bytes) -> Fragment:
+            nonlocal first_fragment
+            if first_fragment:
+                first_fragment = False
+                self.stage_metrics.observe(sm.FIRST_FRAGMENT_SECONDS, time.perf_counter() - started)
+            return Fragment(data)
+
         try:
+            self.stage_metrics.add(sm.VIDEOS_IN_FLIGHT, 1)
             while (item := await ordered.get()) is not end:
                 if isinstance(item, BaseException):
                     raise item
@@ -677,14 +712,15 @@ class CompositorDeployment:
                     frame_chunk: FrameChunk = await item
                     timings["render_s"] += frame_chunk.timings.get("decode_s", 0.0)
                     for data in await asyncio.to_thread(session.push, frame_chunk):
-                        yield Fragment(data)
+                        yield fragment(data)
                     frames_done += frame_chunk.frames.shape[0]
                 yield ProductionProgress(sum(steps_done), steps_total, frames_done, frames_total)
             mp4_path, thumbnail_path = workdir / "video.mp4", workdir / "thumbnail.jpg"
             tail, result = await asyncio.to_thread(session.finish, mp4_path, thumbnail_path)
             for data in tail:
-                yield Fragment(data)
+                yield fragment(data)
             timings["compose_s"] = result.encode_s
+            self.stage_metrics.observe(sm.COMPOSE_SECONDS, result.encode_s)
             yield Produced(
                 compose=result,
                 mp4=mp4_path.read_bytes(),
@@ -693,6 +729,10 @@ class CompositorDeployment:
                 shot_denoised_at=shot_denoised_at,
             )
         finally:
+            # What this video survived, failed or not (the counters skip zeros).
+            self.stage_metrics.add(sm.VIDEOS_IN_FLIGHT, -1)
+            self.stage_metrics.inc(sm.RENDER_RETRIES, timings["render_retries"])
+            self.stage_metrics.inc(sm.GENERATOR_RESTARTS, timings["generate_restarts"])
             feeder.cancel()
             for task in render_tasks:
                 task.cancel()

@@ -1,8 +1,9 @@
 """Prometheus series of the HTTP ingress (``GET /metrics``).
 
-Each ingress replica keeps its own registry; Prometheus scrapes every replica (KubeRay: a pod
-monitor on the Serve port) and sums. Ray's own metrics (``ray_serve_*``: per-deployment queue
-lengths, replica counts, handle latencies) come from Ray's metrics agent, not from here.
+Each ingress replica keeps its own registry, and a scrape through the Serve proxy reaches whichever
+replica the proxy picks. Cluster-wide series come from Ray's metrics agent on every node, not from
+here: the stage replicas' ``ray_shopreel_*`` (``stage_metrics.py``) and Ray's own ``ray_serve_*``
+(per-deployment queue lengths, replica counts, handle latencies). See ``deploy/prometheus/``.
 """
 
 from __future__ import annotations

@@ -75,12 +75,20 @@ def start(
     address: str | None = None,
     ready_timeout_s: float = 600.0,
     proxy_location: str | None = None,
+    metrics_export_port: int | None = None,
 ) -> RunningServer:
     """Deploy the app and wait until ``/readyz`` answers 200. ``address=None`` starts Ray here.
 
     ``proxy_location``: where Serve runs HTTP proxies (``EveryNode``, Ray's default, or ``HeadOnly``,
     e.g. for several simulated nodes that share one host's ports).
+    ``metrics_export_port``: where the embedded node's metrics agent serves every replica's series to
+    Prometheus (``None``: a port Ray picks). A joined cluster's nodes chose theirs at ``ray start``.
     """
+    if metrics_export_port is not None and address is not None:
+        raise ValueError(
+            "metrics_export_port applies to the embedded cluster only; a joined cluster's nodes set "
+            "theirs with `ray start --metrics-export-port`"
+        )
     import ray
     from ray import serve
 
@@ -90,7 +98,13 @@ def start(
     embedded = address is None
     if embedded:
         # address="local": always a new cluster here, never one some other process left running.
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics_export_port,
+        )
     else:
         ray.init(address=address)
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})

@@ -185,6 +185,17 @@ class JobStore(abc.ABC):
         for statement in filter(str.strip, script.split(";")):
             conn.execute(statement)
 
+    def _upgrade(self, conn: Any, version: int, where: str, *, seq_type: str, seq_suffix: str) -> None:
+        """Take a store from schema ``version`` to ``SCHEMA_VERSION`` (inside the caller's transaction)."""
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{where} has job schema v{version}; this shopreel knows v{SCHEMA_VERSION} at most"
+            )
+        if version < 1:
+            self._apply(conn, _SCHEMA_V1.format(seq_type=seq_type, seq_suffix=seq_suffix))
+        if version < 2:
+            self._apply(conn, _SCHEMA_V2)
+
     # -- records --------------------------------------------------------------------------------
 
     def create(self, record: JobRecord) -> JobRecord:
@@ -439,14 +450,7 @@ class SqliteJobStore(JobStore):
     def _migrate(self) -> None:
         with self._transaction() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has job schema v{version}; this shopreel knows v{SCHEMA_VERSION} at most"
-                )
-            if version < 1:
-                self._apply(conn, _SCHEMA_V1.format(seq_type="INTEGER", seq_suffix=" AUTOINCREMENT"))
-            if version < 2:
-                self._apply(conn, _SCHEMA_V2)
+            self._upgrade(conn, version, str(self.path), seq_type="INTEGER", seq_suffix=" AUTOINCREMENT")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from .store import _ADMISSION_LOCK_KEY, _SCHEMA_V1, _SCHEMA_V2, SCHEMA_VERSION, JobStore, redact_url
+from .store import _ADMISSION_LOCK_KEY, SCHEMA_VERSION, JobStore, redact_url
 
 INSTALL_HINT = "the PostgreSQL job store needs psycopg 3: pip install 'shopreel[serve]'"
 
@@ -54,14 +54,7 @@ class PostgresJobStore(JobStore):
             conn.execute("CREATE TABLE IF NOT EXISTS shopreel_schema (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM shopreel_schema").fetchone()
             version = 0 if row is None else int(row["version"])
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.url} has job schema v{version}; this shopreel knows v{SCHEMA_VERSION} at most"
-                )
-            if version < 1:
-                self._apply(conn, _SCHEMA_V1.format(seq_type="BIGSERIAL", seq_suffix=""))
-            if version < 2:
-                self._apply(conn, _SCHEMA_V2)
+            self._upgrade(conn, version, self.url, seq_type="BIGSERIAL", seq_suffix="")
             conn.execute("DELETE FROM shopreel_schema")
             conn.execute("INSERT INTO shopreel_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
 

@@ -11,11 +11,11 @@ completes, by lease retry.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
 import pytest
+from net import free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -31,11 +31,6 @@ BRIEF = {
 MAX_STREAMS = 2
 GPU_NODE = {"gpu_node": 1.0}
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +59,7 @@ def cluster(postgres):
         },
     )
     server = start(
-        config, port=_free_port(), address=nodes.address, ready_timeout_s=300, proxy_location="HeadOnly"
+        config, port=free_port(), address=nodes.address, ready_timeout_s=300, proxy_location="HeadOnly"
     )
     try:
         yield nodes, server

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+from net import free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -38,11 +38,6 @@ BODY = {"brief": BRIEF, "stream": True, "num_inference_steps": 8, "audio": "none
 FRAMES = 65
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -57,7 +52,7 @@ def server(tmp_path_factory):
             "pipeline.render.backend": "torch",
         },
     )
-    running = start(config, port=_free_port(), ready_timeout_s=300)  # a new local Ray, never another one
+    running = start(config, port=free_port(), ready_timeout_s=300)  # a new local Ray, never another one
     yield running
     running.stop()
 
@@ -162,3 +157,27 @@ def test_video_survives_a_renderer_replica_killed_mid_chunk(http, reference):
 def test_video_survives_the_generator_replica_killed_mid_stream(http, reference):
     """The stream is re-issued from the first shot not fully received, on the replacement replica."""
     _survives(http, reference, "generator", "generate_restarts")
+
+
+def test_a_lost_compositor_fails_the_stream_visibly_and_the_video_is_still_made(http, reference):
+    """The compositor drives the video: its loss ends the stream with an error (no clean end of the
+    chunked response), the video is queued again, and a worker produces it whole: the same frames."""
+    video_id = None
+    stream = http.stream("POST", "/v1/product-videos", json=BODY)
+    with pytest.raises(httpx.RemoteProtocolError), stream as response:
+        assert response.status_code == 200
+        video_id = response.headers["x-shopreel-video-id"]
+        killed = None
+        for _ in response.iter_bytes():
+            if killed is None:
+                killed = _kill_while_serving("compositor")
+    assert video_id is not None
+    deadline = time.monotonic() + 180
+    while (record := http.get(f"/v1/videos/{video_id}").json())["status"] != "completed":
+        assert record["status"] != "failed", record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+    assert record["shopreel"]["attempts"] >= 2, record  # produced again by a worker, from the start
+    content = http.get(f"/v1/videos/{video_id}/content")
+    assert content.status_code == 200
+    np.testing.assert_array_equal(_frames(content.content), reference)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 
 import httpx
 import pytest
 from media import probe
+from net import free_port
 from PIL import Image
 
 pytestmark = pytest.mark.serve
@@ -32,11 +32,6 @@ FOUR_SHOT_BRIEF = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -53,7 +48,7 @@ def server(tmp_path_factory):
             "pipeline.generate.num_inference_steps": 2,
         },
     )
-    running = start(config, port=_free_port(), ready_timeout_s=300)
+    running = start(config, port=free_port(), ready_timeout_s=300)
     yield running
     running.stop()
 

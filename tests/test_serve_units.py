@@ -93,3 +93,15 @@ def test_serve_config_files_build_the_app():
     manifest = yaml.safe_load((deploy / "kuberay" / "rayservice.yaml").read_text())
     args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert ServeConfig.model_validate(args).generator.num_gpus == 1
+
+
+def test_a_partial_stage_setting_keeps_that_stages_other_defaults():
+    """`ingress: {num_replicas: 2}` must not drop the ingress's own 64 concurrent requests to the generic
+    default (which would queue a burst in front of admission instead of refusing it)."""
+    from shopreel.serve.runner import load_config
+
+    config = load_config(None, **{"ingress.num_replicas": 2, "generator.resources": {"gpu_node": 0.1}})
+    assert config.ingress.num_replicas == 2
+    assert config.ingress.max_ongoing_requests == ServeConfig().ingress.max_ongoing_requests == 64
+    assert config.ingress.max_queued_requests == -1
+    assert config.generator.max_ongoing_requests == 2 and config.generator.resources == {"gpu_node": 0.1}
