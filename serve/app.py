@@ -74,8 +74,8 @@ from .store import (
     VideoStore,
     is_video_id,
     new_video_id,
-    open_job_store,
 )
+from .store_url import open_job_store
 
 logger = logging.getLogger("shopreel.serve")
 

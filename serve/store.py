@@ -469,18 +469,6 @@ class SqliteJobStore(JobStore):
             self._conn.close()
 
 
-def open_job_store(url: str, *, pool_size: int = 4) -> JobStore:
-    """``sqlite:///path/to/jobs.sqlite3`` (relative after the third slash, absolute after a fourth)
-    or ``postgresql://user:password@host:port/database``."""
-    if url.startswith("sqlite:///"):
-        return SqliteJobStore(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("postgresql://", "postgres://")):
-        from .store_postgres import PostgresJobStore
-
-        return PostgresJobStore(url, pool_size=pool_size)
-    raise ValueError(f"jobs.store must be sqlite:///PATH or postgresql://..., got {redact_url(url)!r}")
-
-
 def redact_url(url: str) -> str:
     """The URL without its password, for logs and errors."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

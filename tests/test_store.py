@@ -16,8 +16,9 @@ from shopreel.serve.store import (
     VideoStore,
     is_video_id,
     new_video_id,
-    open_job_store,
+    redact_url,
 )
+from shopreel.serve.store_url import open_job_store
 
 
 def _record(**overrides) -> JobRecord:
@@ -338,7 +339,7 @@ def test_store_urls():
     with pytest.raises(ValueError, match="sqlite:///PATH or postgresql") as info:
         open_job_store("mysql://root:secret@db/x")
     assert "secret" not in str(info.value)
-    assert store_module.redact_url("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact_url("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
 
 
 # --- VideoStore ------------------------------------------------------------------------------------
