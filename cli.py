@@ -463,6 +463,12 @@ def remote(
                     file.write(chunk)
         total = time.perf_counter() - started
         record = client.get(f"/v1/videos/{video_id}").json()
+    if record.get("status") in ("queued", "in_progress"):  # the stream broke off; the video is made again
+        temp.unlink(missing_ok=True)
+        raise _fail(
+            f"the stream of video {video_id} broke off (a stage replica was lost); it is being produced "
+            f"again: GET {url}/v1/videos/{video_id}/content once it is completed"
+        )
     if record.get("status") != "completed":
         temp.unlink(missing_ok=True)
         raise _fail(f"video {video_id} {record.get('status')}: {record.get('error')}")

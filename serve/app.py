@@ -82,6 +82,7 @@ logger = logging.getLogger("shopreel.serve")
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # a brief with four 8 MB images is refused by the image limit
 POLL_AFTER_MS = 500
 VIDEO_ID_HEADER = "x-shopreel-video-id"
+NUM_FRAMES_HEADER = "x-shopreel-num-frames"
 MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg"}
 RENDERER_STATS_TIMEOUT_S = 5.0  # /v1/models asks one renderer replica what it runs
 
@@ -408,10 +409,16 @@ class Ingress:
                     raise RuntimeError(f"video {record.id} failed while streaming") from item
                 yield item
 
+        # The frame count lets any client tell a whole stream from one that broke off (Serve's proxy ends
+        # a response cleanly when the replica's generator raises); the job record says what happened.
         return StreamingResponse(
             fragments(),
             media_type="video/mp4",
-            headers={VIDEO_ID_HEADER: record.id, "Cache-Control": "no-store"},
+            headers={
+                VIDEO_ID_HEADER: record.id,
+                NUM_FRAMES_HEADER: str(storyboard.total_frames),
+                "Cache-Control": "no-store",
+            },
         )
 
     # --- accepting ------------------------------------------------------------------------------
