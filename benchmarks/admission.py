@@ -69,6 +69,16 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
+async def _probe_while_full(one: Any, client: Any, first_index: int) -> list[dict[str, Any]]:
+    """Single requests, one after another, until one is admitted (a slot came free) or PROBES are sent."""
+    probes: list[dict[str, Any]] = []
+    for index in range(PROBES):
+        probes.append(await one(client, first_index + index))
+        if probes[-1]["status"] == 200:
+            break
+    return probes
+
+
 async def _stream_burst(url: str, count: int) -> dict[str, Any]:
     import httpx
 
@@ -100,12 +110,7 @@ async def _stream_burst(url: str, count: int) -> dict[str, Any]:
         deadline = time.monotonic() + 60
         while sum(task.done() for task in burst) < count - MAX_STREAMS and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        probes = []
-        for index in range(PROBES):
-            probe = await one(client, count + index)
-            probes.append(probe)
-            if probe["status"] == 200:
-                break  # a slot came free: the window is over
+        probes = await _probe_while_full(one, client, count)
         results = await asyncio.gather(*burst, return_exceptions=True)
         results.extend(p for p in probes if p["status"] == 200)
         admitted = [r for r in results if isinstance(r, dict) and r["status"] == 200]
@@ -148,12 +153,7 @@ async def _job_burst(url: str, count: int) -> dict[str, Any]:
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         results = await asyncio.gather(*(one(client, index) for index in range(count)))
-        probes = []
-        for index in range(PROBES):  # the queue is still full: single rejections, one at a time
-            probe = await one(client, count + index)
-            probes.append(probe)
-            if probe["status"] == 200:
-                break
+        probes = await _probe_while_full(one, client, count)  # the queue is still full
         accepted = [r["id"] for r in results + probes if r["status"] == 200]
         refused = [r for r in results if r["status"] != 200]
         deadline = time.monotonic() + 600
