@@ -28,7 +28,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ray import exceptions as ray_exceptions
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -50,6 +49,7 @@ from .deployments import (
     ProductionProgress,
     RendererDeployment,
     StageUnavailable,
+    replica_lost,
 )
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openai_api import (
@@ -85,6 +85,7 @@ VIDEO_ID_HEADER = "x-shopreel-video-id"
 NUM_FRAMES_HEADER = "x-shopreel-num-frames"
 MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg"}
 RENDERER_STATS_TIMEOUT_S = 5.0  # /v1/models asks one renderer replica what it runs
+STORE_GAUGES_PERIOD_S = 2.0  # how often an ingress replica samples the shared queue for its gauges
 
 api = FastAPI(title="shopreel", description="Product briefs in, product videos out.", version="0.1")
 
@@ -152,16 +153,6 @@ def _overloaded(exc: Exception, retry_after_s: int) -> APIError:
     )
 
 
-# A stage replica (or its node) went away: the work is idempotent, so the job is produced again.
-_LOST_STAGE_ERRORS: tuple[type[BaseException], ...] = (
-    ray_exceptions.RayActorError,
-    ray_exceptions.WorkerCrashedError,
-    ray_exceptions.NodeDiedError,
-    ray_exceptions.ObjectLostError,
-    DeploymentUnavailableError,
-)
-
-
 def _failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
     """Job error codes and client-safe messages: the client's mistake, capacity, a lost stage, or ours.
 
@@ -173,7 +164,7 @@ def _failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
         return "invalid_request", str(cause)
     if isinstance(cause, BackPressureError):
         return "overloaded", "a stage of the cluster is at capacity; retry later"
-    if isinstance(cause, _LOST_STAGE_ERRORS | StageUnavailable):
+    if replica_lost(cause) or isinstance(cause, StageUnavailable):  # idempotent: it is produced again
         return "stage_unavailable", f"a stage replica was lost while producing video {video_id}; retry later"
     return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
 
@@ -236,6 +227,7 @@ class Ingress:
                 asyncio.create_task(self._worker()) for _ in range(self.config.jobs.concurrency)
             ]
             self._background.append(asyncio.create_task(self._become_ready()))
+            self._background.append(asyncio.create_task(self._report_store()))
 
     async def _become_ready(self) -> None:
         """Ready once every stage answers: their constructors loaded and warmed the models."""
@@ -545,7 +537,6 @@ class Ingress:
                     max_running=settings.max_running,
                     max_attempts=settings.max_attempts,
                 )
-                await self._update_queue_depth()
             except Exception:  # noqa: BLE001 - the store is briefly unreachable: keep the worker alive
                 logger.warning("claiming a job failed; retrying", exc_info=True)
                 claim = None
@@ -566,12 +557,18 @@ class Ingress:
             with contextlib.suppress(asyncio.CancelledError):
                 await production
 
-    async def _update_queue_depth(self) -> None:
-        counts = await asyncio.to_thread(self.jobs.counts)
-        self.metrics.queue_depth.set(counts["queued"])
-        self.cluster_metrics.set(sm.JOBS_QUEUED, counts["queued"])
-        self.cluster_metrics.set(sm.JOBS_IN_PROGRESS, counts["in_progress"])
-        self.cluster_metrics.set(sm.STREAMS_ADMITTED, counts.get("admitted_stream", 0))  # absent when none
+    async def _report_store(self) -> None:
+        """Queue gauges from the shared store, on a period (not per claim: workers poll often)."""
+        while True:
+            try:
+                counts = await asyncio.to_thread(self.jobs.counts)
+                self.metrics.queue_depth.set(counts["queued"])
+                self.cluster_metrics.set(sm.JOBS_QUEUED, counts["queued"])
+                self.cluster_metrics.set(sm.JOBS_IN_PROGRESS, counts["in_progress"])
+                self.cluster_metrics.set(sm.STREAMS_ADMITTED, counts.get("admitted_stream", 0))  # absent: 0
+            except Exception:  # noqa: BLE001 - a missed sample; the next one comes
+                logger.warning("reading the job store's counts failed", exc_info=True)
+            await asyncio.sleep(STORE_GAUGES_PERIOD_S)
 
     async def _keep_lease(self, video_id: str, production: asyncio.Task[None]) -> None:
         """Renew the production's lease (and stream slot); stop it if the job was deleted or taken over."""
@@ -619,7 +616,6 @@ class Ingress:
         started = time.perf_counter()
         stored = json.loads(record.request)
         kind = record.kind
-        update = self._owned_update(record.id)
         self.metrics.in_flight.labels(kind=kind).inc()
         order = ProductionOrder(
             request_id=record.id,
@@ -644,7 +640,7 @@ class Ingress:
                 elif isinstance(event, ProductionProgress):
                     if event.percent > progress:
                         progress = event.percent
-                        if await update(progress=progress) is None:
+                        if await self._update_owned(record.id, progress=progress) is None:
                             raise asyncio.CancelledError  # deleted or taken over while producing
                 elif isinstance(event, Produced):
                     with self.videos.open_writer(record.id, "thumbnail") as file:
@@ -662,7 +658,8 @@ class Ingress:
                         else None,
                     }
                     now = int(time.time())
-                    await update(
+                    await self._update_owned(
+                        record.id,
                         status="completed",
                         progress=100,
                         completed_at=now,
@@ -686,7 +683,7 @@ class Ingress:
                 self.job_waiting.set()
             else:
                 self.metrics.videos.labels(outcome="failed").inc()
-                await update(status="failed", error={"code": code, "message": message})
+                await self._update_owned(record.id, status="failed", error={"code": code, "message": message})
             if listener is not None:
                 listener.put_nowait(exc)
         finally:
@@ -697,14 +694,10 @@ class Ingress:
             if listener is not None:
                 listener.put_nowait(None)
 
-    def _owned_update(self, video_id: str) -> Any:
-        """Job updates that land only while this replica holds the job's lease."""
-
-        async def update(**fields: Any) -> JobRecord | None:
-            call = functools.partial(self.jobs.update, video_id, owner=self.owner, **fields)
-            return await asyncio.to_thread(call)
-
-        return update
+    async def _update_owned(self, video_id: str, **fields: Any) -> JobRecord | None:
+        """A job update that lands only while this replica holds the job's lease (else ``None``)."""
+        update = functools.partial(self.jobs.update, video_id, owner=self.owner, **fields)
+        return await asyncio.to_thread(update)
 
 
 def build_app(config: ServeConfig | None = None) -> serve.Application:

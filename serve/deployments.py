@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -115,12 +115,22 @@ class RetryPolicy:
             raise ValueError("RetryPolicy budget_s and backoff_s must not be negative")
 
 
+# A replica's process or node went away (or none was reachable): the call's input was fine.
+_LOST_REPLICA_ERRORS: tuple[type[BaseException], ...] = (
+    RayActorError,
+    WorkerCrashedError,
+    NodeDiedError,
+    ObjectLostError,
+    DeploymentUnavailableError,
+)
+
+
 def replica_lost(exc: BaseException) -> bool:
     """Whether a stage call failed because its replica died (or none was reachable), not its input."""
     if isinstance(exc, RayTaskError):
         # A call chained through another deployment reports the dead actor as the task's cause.
         return isinstance(exc.cause, RayActorError)
-    return isinstance(exc, RayActorError | DeploymentUnavailableError)
+    return isinstance(exc, _LOST_REPLICA_ERRORS)
 
 
 class _Failures:

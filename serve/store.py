@@ -289,13 +289,18 @@ class JobStore(abc.ABC):
             return bool(self._run(conn, "DELETE FROM jobs WHERE id = ?", (video_id,)).rowcount > 0)
 
     def counts(self) -> dict[str, int]:
-        """Jobs per status plus live admissions per kind (``admitted_job``, ``admitted_stream``)."""
+        """Unfinished jobs per status (``queued``, ``in_progress``) plus live admissions per kind
+        (``admitted_job``, ``admitted_stream``). Finished jobs are not counted: the table keeps them."""
         with self._transaction() as conn:
-            rows = self._run(conn, "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+            rows = self._run(
+                conn,
+                "SELECT status, COUNT(*) AS n FROM jobs"
+                " WHERE status IN ('queued', 'in_progress') GROUP BY status",
+            ).fetchall()
             held = self._run(
                 conn, "SELECT kind, COUNT(*) AS n FROM admissions WHERE expires_at > {now} GROUP BY kind"
             ).fetchall()
-        counts = {status: 0 for status in ("queued", "in_progress", "completed", "failed")}
+        counts: dict[str, int] = dict.fromkeys(UNFINISHED, 0)
         counts.update({row["status"]: int(row["n"]) for row in rows})
         counts.update({f"admitted_{row['kind']}": int(row["n"]) for row in held})
         return counts
