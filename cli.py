@@ -185,7 +185,7 @@ def _print_storyboard(storyboard: Any, preset: Any) -> None:
 def _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio, quiet):  # noqa: ANN001
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .pipelines.pipeline import Progress as StageProgress
+    from .pipelines.produce import ProductionProgress
 
     with Progress(
         TextColumn("{task.description:>10}"),
@@ -198,10 +198,16 @@ def _run_with_progress(pipeline, product, shopper, event, output, thumbnail, aud
     ) as bar:
         tasks: dict[str, Any] = {}
 
-        def on_progress(event_: StageProgress) -> None:
-            if event_.stage not in tasks:
-                tasks[event_.stage] = bar.add_task(event_.stage, total=event_.total)
-            bar.update(tasks[event_.stage], completed=event_.done, total=event_.total)
+        def advance(stage: str, done: int, total: int) -> None:
+            if total <= 0:
+                return  # the step count is known from the first step on
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        def on_progress(progress: ProductionProgress) -> None:
+            advance("denoise", progress.denoise_steps_done, progress.denoise_steps_total)
+            advance("frames", progress.frames_done, progress.frames_total)
 
         return pipeline.run(
             product,

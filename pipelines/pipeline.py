@@ -8,9 +8,11 @@ whose fMP4 bytes go to ``on_fragment`` while later shots are still denoising.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,21 +21,20 @@ from .compose import ComposeResult, Compositor
 from .config import PipelineConfig
 from .generate import LatentGenerator
 from .presets import LoadedModel, load_model
+from .produce import (
+    Fragment,
+    LocalFrameRenderer,
+    LocalLatentSource,
+    Produced,
+    ProductionOrder,
+    ProductionProgress,
+    produce,
+)
 from .render import StreamingRenderer
-from .types import Campaign, ProductBrief, ShopperProfile, StageTimings, Storyboard
+from .types import Campaign, ProductBrief, ProductImage, ShopperProfile, StageTimings, Storyboard
 from .understand import build_planner
 
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of work done: ``stage`` is 'denoise' (steps) or 'frames' (frames composed)."""
-
-    stage: Literal["denoise", "frames"]
-    done: int
-    total: int
-
-
-ProgressCallback = Callable[[Progress], None]
+ProgressCallback = Callable[[ProductionProgress], None]
 FragmentCallback = Callable[[bytes], None]
 
 
@@ -62,6 +63,8 @@ class ProductVideoPipeline:
         self.generator = LatentGenerator(self.model, self.config.generate)
         self.renderer = StreamingRenderer(self.model.vae, self.model.device, self.config.render)
         self.compositor = Compositor(self.config.compose)
+        # The renderer's causal caches stay on one thread, across videos.
+        self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
 
     def with_preset_defaults(self, brief: ProductBrief) -> ProductBrief:
         """Fill size/fps the brief left open with the model preset's defaults."""
@@ -94,7 +97,7 @@ class ProductVideoPipeline:
         understand_s = time.perf_counter() - started
         return self.render_storyboard(
             storyboard,
-            product_images=[image.to_pil() for image in brief.images],
+            product_images=list(brief.images),
             seed=brief.seed,
             output_path=output_path,
             thumbnail_path=thumbnail_path,
@@ -111,7 +114,7 @@ class ProductVideoPipeline:
         self,
         storyboard: Storyboard,
         *,
-        product_images: list | None = None,
+        product_images: list[ProductImage] | None = None,
         seed: int = 0,
         output_path: Path | None,
         thumbnail_path: Path | None = None,
@@ -123,66 +126,47 @@ class ProductVideoPipeline:
         started: float | None = None,
         understand_s: float = 0.0,
     ) -> VideoResult:
-        """Generate, render and compose a planned storyboard."""
+        """Generate, render and compose a planned storyboard (the production driver on local stages)."""
         started = time.perf_counter() if started is None else started
-        request_id = request_id or uuid.uuid4().hex
-        steps = self.generator.settings(num_inference_steps).num_inference_steps
-        timings = StageTimings(understand_s=understand_s)
-        total_steps = steps * len(storyboard.shots)
-        fragment_count = 0
-        per_shot_denoise_s: list[float] = []
-
-        # 1. Check everything before any model work, so bad input costs nothing.
+        # Check everything before any model work, so bad input costs nothing.
         self.generator.check_inputs(storyboard, num_inference_steps)
-        session = self.compositor.open(
-            storyboard, request_id=request_id, product_images=product_images or [], audio=audio, seed=seed
+        order = ProductionOrder(
+            request_id=request_id or uuid.uuid4().hex,
+            storyboard=storyboard,
+            product_images=product_images or [],
+            seed=seed,
+            audio=audio,
+            num_inference_steps=num_inference_steps,
         )
 
-        def emit(fragments: list[bytes]) -> None:
-            nonlocal fragment_count
-            for fragment in fragments:
-                if timings.first_fragment_s is None:
-                    timings.first_fragment_s = time.perf_counter() - started
-                fragment_count += 1
-                if on_fragment is not None:
-                    on_fragment(fragment)
-
-        def on_step(shot_index: int, step: int, _steps: int) -> None:
-            if on_progress is not None:
-                on_progress(Progress("denoise", shot_index * steps + step, total_steps))
-
-        try:
-            # 2. Stream: each latent chunk is decoded and composed as soon as it exists.
-            frames_done = 0
-            chunks = self.generator.generate(
-                storyboard, request_id=request_id, num_inference_steps=num_inference_steps, on_step=on_step
+        async def drive() -> Produced:
+            events = produce(
+                order,
+                LocalLatentSource(self.generator),
+                LocalFrameRenderer(self.renderer, self._render_thread),
+                self.compositor,
+                mp4_path=output_path,
+                thumbnail_path=thumbnail_path,
+                started=started,
+                understand_s=understand_s,
             )
-            for latent_chunk in chunks:
-                denoise_s = latent_chunk.timings.get("denoise_s", 0.0)
-                if latent_chunk.chunk_index == 0:
-                    per_shot_denoise_s.append(denoise_s)
-                timings.generate_s += denoise_s
-                frame_chunk = self.renderer.render(latent_chunk)
-                timings.render_s += frame_chunk.timings["decode_s"]
-                emit(session.push(frame_chunk))
-                frames_done += len(frame_chunk.frames)
-                if on_progress is not None:
-                    on_progress(Progress("frames", frames_done, sum(s.num_frames for s in storyboard.shots)))
-            # 3. Flush the encoder; write the download MP4 and thumbnail atomically.
-            tail, result = session.finish(mp4_path=output_path, thumbnail_path=thumbnail_path)
-            emit(tail)
-        except BaseException:
-            session.close()
-            self.renderer.release(request_id)
-            raise
-        timings.compose_s = result.encode_s
-        timings.total_s = time.perf_counter() - started
+            async for event in events:
+                if isinstance(event, Produced):
+                    return event
+                if isinstance(event, Fragment):
+                    if on_fragment is not None:
+                        on_fragment(event.data)
+                elif on_progress is not None:
+                    on_progress(event)
+            raise RuntimeError("the production ended without a video")  # produce() always ends with one
+
+        produced = asyncio.run(drive())
         return VideoResult(
-            request_id=request_id,
+            request_id=order.request_id,
             storyboard=storyboard,
-            compose=result,
-            timings=timings,
-            num_inference_steps=steps,
-            fragment_count=fragment_count,
-            per_shot_denoise_s=per_shot_denoise_s,
+            compose=produced.compose,
+            timings=produced.timings,
+            num_inference_steps=self.generator.settings(num_inference_steps).num_inference_steps,
+            fragment_count=produced.fragment_count,
+            per_shot_denoise_s=produced.shot_denoise_s,
         )

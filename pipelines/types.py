@@ -353,7 +353,7 @@ class FrameChunk:
 
 @dataclass
 class StageTimings:
-    """Seconds spent per stage for one video (summed over shots/chunks)."""
+    """Seconds spent per stage for one video (summed over shots/chunks), and the retries it survived."""
 
     understand_s: float = 0.0
     generate_s: float = 0.0
@@ -361,6 +361,8 @@ class StageTimings:
     compose_s: float = 0.0
     first_fragment_s: float | None = None  # from request start
     total_s: float = 0.0
+    render_retries: int = 0  # chunks rendered again after their renderer replica was lost
+    generate_restarts: int = 0  # generator streams re-issued after their replica was lost
 
     def as_dict(self) -> dict[str, float | None]:
         return dict(self.__dict__)

@@ -44,6 +44,7 @@ class Series:
     kind: Kind
     description: str
     boundaries: tuple[float, ...] = ()
+    labels: tuple[str, ...] = ()  # tag keys besides ``deployment``, each with a few fixed values
 
     @property
     def prometheus_name(self) -> str:
@@ -93,6 +94,39 @@ GENERATOR_RESTARTS = Series(
     "counter",
     "Generator streams re-issued after a generator replica was lost",
 )
+# --- ingress: requests and productions this replica handled --------------------------------------
+INGRESS_REFUSED = Series(
+    "shopreel_ingress_refused",
+    "counter",
+    "Requests refused by admission before any model work (reason: queue_full, overloaded)",
+    labels=("reason",),
+)
+INGRESS_VIDEOS = Series(
+    "shopreel_ingress_videos",
+    "counter",
+    "Productions ended, by outcome (completed, failed, retried, cancelled)",
+    labels=("outcome",),
+)
+INGRESS_ERRORS = Series(
+    "shopreel_ingress_errors", "counter", "Productions that failed, by error code", labels=("code",)
+)
+INGRESS_IN_FLIGHT = Series(
+    "shopreel_ingress_in_flight", "gauge", "Productions the replica drives now, by kind", labels=("kind",)
+)
+INGRESS_VIDEO_SECONDS = Series(
+    "shopreel_ingress_video_seconds",
+    "histogram",
+    "Seconds one completed video spent per stage (summed over shots); 'total' is end to end",
+    VIDEO_BUCKETS,
+    labels=("stage",),
+)
+INGRESS_FIRST_FRAGMENT_SECONDS = Series(
+    "shopreel_ingress_time_to_first_fragment_seconds",
+    "histogram",
+    "From accepting a request to its first fMP4 fragment",
+    VIDEO_BUCKETS,
+)
+INGRESS_FRAMES = Series("shopreel_ingress_frames", "counter", "Frames of completed videos")
 # --- ingress: the shared job store (every ingress replica reports the same numbers) -------------
 JOBS_QUEUED = Series("shopreel_jobs_queued", "gauge", "Jobs in the job store waiting for a worker")
 JOBS_IN_PROGRESS = Series("shopreel_jobs_in_progress", "gauge", "Jobs in the job store being produced")
@@ -113,6 +147,13 @@ ALL_SERIES = (
     COMPOSE_SECONDS,
     RENDER_RETRIES,
     GENERATOR_RESTARTS,
+    INGRESS_REFUSED,
+    INGRESS_VIDEOS,
+    INGRESS_ERRORS,
+    INGRESS_IN_FLIGHT,
+    INGRESS_VIDEO_SECONDS,
+    INGRESS_FIRST_FRAGMENT_SECONDS,
+    INGRESS_FRAMES,
     JOBS_QUEUED,
     JOBS_IN_PROGRESS,
     STREAMS_ADMITTED,
@@ -137,13 +178,14 @@ class RayRecorder:
             if metric is None:
                 from ray.util import metrics
 
+                tag_keys = TAG_KEYS + series.labels
                 if series.kind == "counter":
-                    metric = metrics.Counter(series.name, series.description, tag_keys=TAG_KEYS)
+                    metric = metrics.Counter(series.name, series.description, tag_keys=tag_keys)
                 elif series.kind == "gauge":
-                    metric = metrics.Gauge(series.name, series.description, tag_keys=TAG_KEYS)
+                    metric = metrics.Gauge(series.name, series.description, tag_keys=tag_keys)
                 else:
                     metric = metrics.Histogram(
-                        series.name, series.description, list(series.boundaries), tag_keys=TAG_KEYS
+                        series.name, series.description, list(series.boundaries), tag_keys=tag_keys
                     )
                 self._metrics[series.name] = metric
             return metric
@@ -197,7 +239,8 @@ class StageMetrics:
         self.deployment = deployment
         self.tags = {"deployment": deployment}
         self._recorder = recorder
-        self._levels: dict[str, tuple[Series, float]] = {}  # gauges, by name: what refresh() re-sets
+        # Gauges by name and labels, with their level: what refresh() re-sets.
+        self._levels: dict[tuple[str, ...], tuple[Series, float, dict[str, str]]] = {}
         # Gauges change from executor threads and the refresher: record under the lock, so an older
         # level never overwrites a newer one.
         self._lock = threading.Lock()
@@ -207,45 +250,53 @@ class StageMetrics:
         return self._recorder is not None
 
     @staticmethod
-    def _check(series: Series, kind: Kind) -> None:
+    def _check(series: Series, kind: Kind, labels: dict[str, str]) -> None:
         if series.kind != kind:
             raise TypeError(f"{series.name} is a {series.kind}, not a {kind}")
+        if set(labels) != set(series.labels):
+            raise TypeError(f"{series.name} takes labels {series.labels}, got {tuple(labels)}")
 
-    def _record(self, series: Series, kind: Kind, value: float) -> None:
-        self._check(series, kind)
+    def _record(self, series: Series, value: float, labels: dict[str, str]) -> None:
         if self._recorder is not None:
-            self._recorder.record(series, float(value), self.tags)
+            self._recorder.record(series, float(value), {**self.tags, **labels} if labels else self.tags)
 
-    def inc(self, series: Series, value: float = 1.0) -> None:
+    def inc(self, series: Series, value: float = 1.0, **labels: str) -> None:
+        self._check(series, "counter", labels)
         if value > 0:  # Ray refuses a zero increment; zero retries is simply nothing to count
-            self._record(series, "counter", value)
+            self._record(series, value, labels)
 
-    def observe(self, series: Series, value: float) -> None:
-        self._record(series, "histogram", value)
+    def observe(self, series: Series, value: float, **labels: str) -> None:
+        self._check(series, "histogram", labels)
+        self._record(series, value, labels)
 
-    def set(self, series: Series, value: float) -> None:
-        self._check(series, "gauge")
+    def set(self, series: Series, value: float, **labels: str) -> None:
+        self._check(series, "gauge", labels)
         with self._lock:
-            self._levels[series.name] = (series, float(value))
-            self._record(series, "gauge", value)
+            self._levels[_level_key(series, labels)] = (series, float(value), labels)
+            self._record(series, value, labels)
 
-    def add(self, series: Series, delta: float) -> None:
+    def add(self, series: Series, delta: float, **labels: str) -> None:
         """Move a gauge this replica owns (calls in flight) by ``delta``."""
-        self._check(series, "gauge")
+        self._check(series, "gauge", labels)
         with self._lock:
-            level = self._levels.get(series.name, (series, 0.0))[1] + delta
-            self._levels[series.name] = (series, level)
-            self._record(series, "gauge", level)
+            key = _level_key(series, labels)
+            level = self._levels.get(key, (series, 0.0, labels))[1] + delta
+            self._levels[key] = (series, level, labels)
+            self._record(series, level, labels)
 
-    def level(self, series: Series) -> float:
+    def level(self, series: Series, **labels: str) -> float:
         with self._lock:
-            return self._levels.get(series.name, (series, 0.0))[1]
+            return self._levels.get(_level_key(series, labels), (series, 0.0, labels))[1]
 
     def refresh(self) -> None:
         """Record every gauge's current level again (see ``GAUGE_REFRESH_S``)."""
         with self._lock:
-            for series, value in self._levels.values():
-                self._record(series, "gauge", value)
+            for series, value, labels in self._levels.values():
+                self._record(series, value, labels)
+
+
+def _level_key(series: Series, labels: dict[str, str]) -> tuple[str, ...]:
+    return (series.name, *(f"{key}={labels[key]}" for key in series.labels))
 
 
 class _GaugeRefresher:

@@ -80,7 +80,7 @@ class JobRecord(BaseModel):
     completed_at: int | None = None
     expires_at: int | None = None
     error: JobError | None = None
-    request: str = Field(description="JSON of the internal request (brief, profile, campaign, options)")
+    request: str = Field(description="JSON of what producing it needs (jobs.ProductionRequest)")
     num_frames: int | None = Field(default=None, ge=1, description="frames in the planned storyboard")
     timings: dict[str, float | None] | None = Field(default=None, description="seconds per stage")
     kind: ProductionKind = Field(default="job", description="how it was asked for: queued job, stream, sync")

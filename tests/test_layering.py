@@ -28,6 +28,22 @@ def test_pipelines_and_kernels_never_import_ray_or_serve():
     assert "from ..serve" not in source
 
 
+def test_wire_format_knows_no_ray_or_stages():
+    """serve/protocol.py is request/response types only: the ingress and job service depend on it."""
+    tree = ast.parse((ROOT / "serve" / "protocol.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert not {n for n in imported if n == "ray" or n.startswith("ray.")}
+    assert not imported & {".app", ".jobs", ".deployments", ".stage_clients", "fastapi"}
+    code = "import sys, shopreel.serve.protocol; print([m for m in ('torch', 'ray') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"the wire format pulled in: {out.stdout.strip()}"
+
+
 def test_import_shopreel_is_lean():
     code = (
         "import sys, shopreel, shopreel.pipelines, shopreel.pipelines.types, shopreel.pipelines.config;"

@@ -142,6 +142,50 @@ def test_a_joined_cluster_takes_no_metrics_export_port():
         start(ServeConfig(), address="auto", metrics_export_port=8080)  # refused before Ray is touched
 
 
+def test_labelled_series_take_exactly_their_labels_and_keep_a_level_per_value(recorder):
+    metrics = sm.stage_metrics("ingress")
+    metrics.inc(sm.INGRESS_REFUSED, reason="queue_full")
+    metrics.add(sm.INGRESS_IN_FLIGHT, 1, kind="stream")
+    metrics.add(sm.INGRESS_IN_FLIGHT, 1, kind="job")
+    metrics.add(sm.INGRESS_IN_FLIGHT, -1, kind="stream")
+    assert (
+        metrics.level(sm.INGRESS_IN_FLIGHT, kind="job"),
+        metrics.level(sm.INGRESS_IN_FLIGHT, kind="stream"),
+    ) == (
+        1.0,
+        0.0,
+    )
+    assert [tags for name, _, tags in recorder.records if name == sm.INGRESS_REFUSED.name] == [
+        {"deployment": "ingress", "reason": "queue_full"}
+    ]
+    with pytest.raises(TypeError, match="takes labels"):
+        metrics.inc(sm.INGRESS_REFUSED)  # a labelled series needs its label
+    with pytest.raises(TypeError, match="takes labels"):
+        metrics.inc(sm.SHOTS_DENOISED, kind="job")  # and an unlabelled one takes none
+
+
+def test_the_ingress_records_each_event_in_its_registry_and_cluster_wide(recorder):
+    from shopreel.serve.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    metrics.refused("overloaded")
+    metrics.production_started("stream")
+    metrics.observe_video({"understand_s": 0.1, "total_s": 2.0, "first_fragment_s": 0.5}, frames=17)
+    metrics.production_ended("stream", "completed")
+    metrics.production_started("job")
+    metrics.production_ended("job", "failed", error_code="internal_error")
+    text = metrics.render().decode()
+    assert 'shopreel_errors_total{type="overloaded"} 1.0' in text
+    assert 'shopreel_errors_total{type="internal_error"} 1.0' in text
+    assert 'shopreel_videos_total{outcome="completed"} 1.0' in text
+    assert "shopreel_frames_rendered_total 17.0" in text
+    assert recorder.values(sm.INGRESS_FRAMES) == [17.0]
+    assert recorder.values(sm.INGRESS_VIDEO_SECONDS) == [0.1, 2.0]
+    outcomes = [tags["outcome"] for name, _, tags in recorder.records if name == sm.INGRESS_VIDEOS.name]
+    assert outcomes == ["completed", "failed"]
+    assert metrics.cluster.level(sm.INGRESS_IN_FLIGHT, kind="stream") == 0.0
+
+
 # --- what the stage classes record (in-process stages, fake handles) ------------------------------
 
 
@@ -155,7 +199,7 @@ def test_stages_record_work_retries_and_rebuilds(recorder):
     renderer = FakeRenderer(_config(), {(1, 1), (2, 0)})  # each loss: a fresh replica without caches
     produced = _produce(generator, renderer)
 
-    assert produced.timings["render_retries"] == 2 and produced.timings["generate_restarts"] == 1
+    assert produced.timings.render_retries == 2 and produced.timings.generate_restarts == 1
     assert recorder.values(sm.RENDER_RETRIES, "compositor") == [2.0]
     assert recorder.values(sm.GENERATOR_RESTARTS, "compositor") == [1.0]
     assert recorder.values(sm.VIDEOS_IN_FLIGHT, "compositor") == [0.0, 1.0, 0.0]
@@ -180,7 +224,8 @@ def test_renderer_counts_a_rebuild_but_not_a_refused_chunk(recorder):
     from test_recovery import _config
 
     from shopreel.pipelines.types import LatentChunk
-    from shopreel.serve.deployments import NeedHistory, RendererDeployment
+    from shopreel.serve.deployments import RendererDeployment
+    from shopreel.serve.stage_clients import NeedHistory
 
     replica = RendererDeployment.func_or_class(_config())  # tiny VAE, torch backend, no warm-up
     z_dim = replica.renderer.backend.vae.config.z_dim
@@ -240,6 +285,10 @@ MOVED = {
     ("ray_shopreel_renderer_chunks_decoded_total", "renderer"),
     ("ray_shopreel_compositor_time_to_first_fragment_seconds_count", "compositor"),
     ("ray_shopreel_compositor_compose_seconds_count", "compositor"),
+    ("ray_shopreel_ingress_videos_total", "ingress"),
+    ("ray_shopreel_ingress_video_seconds_count", "ingress"),
+    ("ray_shopreel_ingress_time_to_first_fragment_seconds_count", "ingress"),
+    ("ray_shopreel_ingress_frames_total", "ingress"),
 }
 PRESENT = {
     ("ray_shopreel_generator_active_calls", "generator"),
@@ -248,6 +297,7 @@ PRESENT = {
     ("ray_shopreel_jobs_queued", "ingress"),
     ("ray_shopreel_jobs_in_progress", "ingress"),
     ("ray_shopreel_streams_admitted", "ingress"),
+    ("ray_shopreel_ingress_in_flight", "ingress"),
 }
 
 

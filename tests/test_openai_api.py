@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from shopreel.pipelines.types import MAX_IMAGE_BYTES, MAX_SELLING_POINT_CHARS, MAX_TITLE_CHARS, ProductBrief
-from shopreel.serve.openai_api import (
+from shopreel.serve.protocol import (
     POLL_AFTER_HEADER,
     APIError,
     GenerationOptions,

@@ -33,9 +33,13 @@ def test_fragments_stream_before_the_last_shot_is_denoised(pipeline, tmp_path):
     fragments = io.BytesIO()
     steps_per_shot = 2
 
+    steps_seen = 0
+
     def on_progress(progress):
-        if progress.stage == "denoise":
-            events.append(("step", (progress.done - 1) // steps_per_shot))
+        nonlocal steps_seen
+        if progress.denoise_steps_done > steps_seen:  # a denoising step (not frames composed)
+            steps_seen = progress.denoise_steps_done
+            events.append(("step", (steps_seen - 1) // steps_per_shot))
 
     def on_fragment(data: bytes):
         fragments.write(data)

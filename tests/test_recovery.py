@@ -23,19 +23,11 @@ from storyboards import make_storyboard
 
 from shopreel.pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, RenderConfig
 from shopreel.pipelines.generate import LatentGenerator
+from shopreel.pipelines.produce import Produced, ProductionOrder
 from shopreel.pipelines.types import LatentChunk
 from shopreel.serve.config import ServeConfig
-from shopreel.serve.deployments import (
-    ChunkLedger,
-    CompositorDeployment,
-    GeneratorDeployment,
-    Produced,
-    ProductionOrder,
-    RendererDeployment,
-    RetryPolicy,
-    StageUnavailable,
-    replica_lost,
-)
+from shopreel.serve.deployments import CompositorDeployment, GeneratorDeployment, RendererDeployment
+from shopreel.serve.stage_clients import ChunkLedger, RetryPolicy, StageUnavailable, replica_lost
 
 NO_WAIT = RetryPolicy(backoff_s=(0.0,))
 
@@ -239,7 +231,7 @@ def test_lost_replicas_mid_video_give_the_same_frames(generator_replica, referen
     assert sorted(rendered) == [(s, c) for s in range(3) for c in range(2)]
     # The lost chunk went to the replacement with the shot's earlier latents; the next shot started fresh.
     assert (1, 1, 2, "FrameChunk") in renderer.calls and (2, 0, None, "FrameChunk") in renderer.calls
-    assert produced.timings["render_retries"] == 2 and produced.timings["generate_restarts"] == 1
+    assert produced.timings.render_retries == 2 and produced.timings.generate_restarts == 1
     assert len(produced.shot_denoised_at) == 3
 
 

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from shopreel.pipelines.types import LatentChunk
 from shopreel.serve.config import AutoscalingSettings, DeploymentSettings, ServeConfig
-from shopreel.serve.deployments import NeedHistory, RendererDeployment
+from shopreel.serve.deployments import RendererDeployment
+from shopreel.serve.stage_clients import NeedHistory
 
 
 def test_deployment_options_fixed_and_autoscaled():

@@ -1,4 +1,8 @@
-"""The OpenAI ``/v1/videos`` wire format: request parsing, prompt -> brief, response objects, errors.
+"""The HTTP wire format: request bodies, prompt -> brief, response objects, errors as clients see them.
+
+Two APIs share it: OpenAI's ``/v1/videos`` and shopreel's own ``/v1/product-videos`` (a structured
+brief, optionally streamed). Nothing here knows Ray Serve, the stages or the job queue: the ingress
+(``app.py``) parses with these types and the job service (``jobs.py``) answers with them.
 
 Shapes follow the openai SDK's ``videos`` resource (``openai.types.Video``, ``VideoDeleteResponse``,
 ``SyncConversationCursorPage``). The SDK's ``create`` always posts ``multipart/form-data``, with or
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -19,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import FormData
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..pipelines.types import (
@@ -48,8 +54,15 @@ DEFAULT_LIST_LIMIT = 20
 MAX_INFERENCE_STEPS = 100
 MAX_GUIDANCE_SCALE = 20.0
 MAX_MODEL_CHARS = 256
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # a brief with four 8 MB images is refused by the image limit
 # The SDK's ``videos.poll`` waits this many milliseconds between retrieves when a response carries it.
 POLL_AFTER_HEADER = "openai-poll-after-ms"
+POLL_AFTER_MS = 500
+VIDEO_ID_HEADER = "x-shopreel-video-id"
+# Lets a client tell a whole stream from one that broke off (Serve's proxy ends both cleanly).
+NUM_FRAMES_HEADER = "x-shopreel-num-frames"
+
+AudioChoice = Literal["bed", "none"]
 
 
 class APIError(Exception):
@@ -256,7 +269,7 @@ class GenerationOptions:
 
 
 class JobRequest(BaseModel):
-    """What a job runs, stored as ``JobRecord.request`` so a restarted app can run it again."""
+    """What a client asked for, from either API; a job record keeps it so a restarted app can run it again."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -264,6 +277,60 @@ class JobRequest(BaseModel):
     profile: ShopperProfile | None = None
     campaign: Campaign | None = None
     options: GenerationOptions = Field(default_factory=GenerationOptions)
+
+
+class ProductVideoRequest(BaseModel):
+    """``POST /v1/product-videos``: a structured brief; ``stream`` answers with fMP4 as it is made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    brief: ProductBrief
+    profile: ShopperProfile | None = None
+    campaign: Campaign | None = None
+    stream: bool = Field(default=False, description="true: video/mp4 bytes now; false: a job to poll")
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
+    audio: AudioChoice = Field(default="bed", description="generated music bed, or silence")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+
+    @classmethod
+    def from_json(cls, data: object) -> ProductVideoRequest:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+
+    def job_request(self) -> JobRequest:
+        return JobRequest(
+            brief=self.brief,
+            profile=self.profile,
+            campaign=self.campaign,
+            options=GenerationOptions(
+                num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
+            ),
+        )
+
+
+# --- JSON bodies ---------------------------------------------------------------------------------
+
+
+def check_body_size(request: Request) -> None:
+    """413 from the declared length, before any of the body is read."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_JSON_BODY_BYTES:
+        raise APIError.too_large(f"request body is {length} bytes, more than {MAX_JSON_BODY_BYTES}")
+
+
+async def read_json(request: Request) -> Any:
+    """The parsed JSON body; 413 when too large (declared or not), 400 when it is not JSON."""
+    check_body_size(request)
+    raw = await request.body()
+    if len(raw) > MAX_JSON_BODY_BYTES:
+        raise APIError.too_large(f"request body is more than {MAX_JSON_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError.invalid(f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 # Sentence ends: ASCII ones only before whitespace ("3.5 mm" stays whole); CJK ones and line breaks anywhere.
@@ -409,3 +476,33 @@ def list_page(records: Sequence[JobRecord], has_more: bool) -> dict[str, Any]:
 def deleted_object(video_id: str) -> dict[str, Any]:
     """The SDK's ``VideoDeleteResponse``."""
     return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+
+# --- why a video was not made, as clients see it -------------------------------------------------
+
+# A job's error code -> the HTTP status a sync or streaming request answers it with.
+_FAILURE_STATUS = {"invalid_request": 400, "overloaded": 503, "stage_unavailable": 503}
+
+
+def overloaded(exc: Exception, retry_after_s: float) -> APIError:
+    """A stage refused work (Serve's back-pressure, or no replica): 503 with ``Retry-After``."""
+    return APIError.overloaded(
+        f"a stage is at capacity: {type(exc).__name__}", retry_after_s, status_code=503
+    )
+
+
+def not_produced(record: JobRecord) -> APIError:
+    """Why a sync or streaming request got no video now; a requeued one is still made, by id."""
+    if record.status in ("queued", "in_progress"):
+        return APIError(
+            503,
+            f"a stage replica was lost; video {record.id} is queued again: poll GET /v1/videos/{record.id}",
+            code="stage_unavailable",
+        )
+    return failure_error(record)
+
+
+def failure_error(record: JobRecord) -> APIError:
+    """A failed job's recorded error as the error a request answers with."""
+    error = record.error or {"code": "internal_error", "message": "video failed"}
+    return APIError(_FAILURE_STATUS.get(error["code"], 500), error["message"], code=error["code"])

@@ -1,0 +1,312 @@
+"""The production driver: a planned storyboard -> latents -> frames -> fMP4, wherever the stages run.
+
+There is one production loop. It takes its two model stages as ports: a ``LatentSource`` (a stream
+of latent chunks and denoising steps) and a ``FrameRenderer`` (one latent chunk -> frames). The
+in-process pipeline passes ``LocalLatentSource``/``LocalFrameRenderer`` around its own models; the
+cluster's compositor passes adapters around Serve handles, which keep their own recovery (a lost
+renderer replica's chunk resent with the shot's history, a lost generator stream re-issued from the
+first unfinished shot). The driver itself knows nothing of replicas.
+
+Each chunk is rendered as soon as it exists (a shot's chunks in order, since the causal decoder's
+cache needs them so; shots overlap), frames are composed in storyboard order, and every fMP4
+fragment is emitted while later shots are still denoising. Events: ``ProductionProgress``,
+``Fragment``, and a final ``Produced`` with ``StageTimings``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from .compose import ComposeResult, Compositor
+from .generate import LatentGenerator
+from .render import StreamingRenderer
+from .types import FrameChunk, LatentChunk, ProductImage, StageTimings, Storyboard
+
+# --- what a production is asked for, and what it emits -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProductionOrder:
+    """Everything needed to produce one planned video (it crosses replicas: plain data only)."""
+
+    request_id: str
+    storyboard: Storyboard
+    product_images: list[ProductImage] = field(default_factory=list)
+    seed: int = 0
+    audio: Literal["bed", "none"] | Path = "bed"
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """A latent source finished denoising step ``step`` of ``steps`` for shot ``shot_index``."""
+
+    shot_index: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ProductionProgress:
+    denoise_steps_done: int
+    denoise_steps_total: int
+    frames_done: int
+    frames_total: int
+
+    @property
+    def percent(self) -> int:
+        """0-99 while producing: half for denoising, half for frames (100 is for the finished video)."""
+        done = self.denoise_steps_done / max(1, self.denoise_steps_total) * 0.5
+        done += self.frames_done / max(1, self.frames_total) * 0.5
+        return min(99, int(done * 100))
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """fMP4 bytes, in order: the first carries the init segment."""
+
+    data: bytes
+
+
+@dataclass
+class Produced:
+    """The end of a production: the composed video and what each stage spent."""
+
+    compose: ComposeResult
+    timings: StageTimings
+    shot_denoise_s: list[float]  # seconds each shot took to denoise
+    shot_denoised_at: list[float]  # wall clock (time.time) when each shot's latents arrived
+    fragment_count: int
+    # Filled by a compositor replica: its files are on its own node, the bytes are what travel.
+    mp4: bytes = b""
+    thumbnail: bytes = b""
+
+
+ProductionEvent = ProductionProgress | Fragment | Produced
+
+
+# --- ports ---------------------------------------------------------------------------------------
+
+
+class LatentSource(Protocol):
+    """The generate stage for one video: its latent chunks in order, with denoising steps between."""
+
+    restarts: int  # streams re-issued after a lost replica (0 where nothing can be lost)
+
+    def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]: ...
+
+
+class FrameRenderer(Protocol):
+    """The render stage for one video: called with each shot's chunks in order, shots overlapping."""
+
+    retries: int  # chunk calls repeated after a lost replica
+
+    async def render(self, chunk: LatentChunk) -> FrameChunk: ...
+
+    def release(self, request_id: str) -> None:
+        """Forget the video's decoder state (it failed or was cancelled)."""
+
+
+# --- in-process ports ----------------------------------------------------------------------------
+
+
+class _Cancelled(Exception):
+    """Raised from the step callback to stop diffusers' loop between steps."""
+
+
+class LocalLatentSource:
+    """A ``LatentGenerator`` in a worker thread, its chunks handed to the event loop as they exist.
+
+    ``prepare`` runs on each chunk in the worker thread (a replica turns latents into numpy there).
+    Closing the stream stops denoising at the next step.
+    """
+
+    restarts = 0
+
+    def __init__(
+        self,
+        generator: LatentGenerator,
+        executor: Executor | None = None,
+        *,
+        prepare: Callable[[LatentChunk], LatentChunk] | None = None,
+        start_shot: int = 0,
+    ) -> None:
+        self.generator = generator
+        self.executor = executor
+        self.prepare = prepare
+        self.start_shot = start_shot
+
+    async def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+        end = object()
+
+        def on_step(shot_index: int, step: int, steps: int) -> None:
+            if cancelled.is_set():
+                raise _Cancelled
+            loop.call_soon_threadsafe(events.put_nowait, DenoiseStep(shot_index, step, steps))
+
+        def work() -> None:
+            try:
+                chunks: Iterator[LatentChunk] = self.generator.generate(
+                    order.storyboard,
+                    request_id=order.request_id,
+                    num_inference_steps=order.num_inference_steps,
+                    guidance_scale=order.guidance_scale,
+                    on_step=on_step,
+                    start_shot=self.start_shot,
+                )
+                for chunk in chunks:
+                    chunk.timings["denoised_at"] = time.time()
+                    loop.call_soon_threadsafe(
+                        events.put_nowait, self.prepare(chunk) if self.prepare else chunk
+                    )
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming task below
+                loop.call_soon_threadsafe(events.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, end)
+
+        worker = loop.run_in_executor(self.executor, work)
+        try:
+            while (item := await events.get()) is not end:
+                if isinstance(item, BaseException):
+                    if isinstance(item, _Cancelled):
+                        return
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await asyncio.shield(worker)
+
+
+class LocalFrameRenderer:
+    """A ``StreamingRenderer`` on one worker thread (its causal caches are not shared across threads)."""
+
+    retries = 0
+
+    def __init__(self, renderer: StreamingRenderer, executor: Executor | None = None) -> None:
+        self.renderer = renderer
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+
+    async def render(self, chunk: LatentChunk) -> FrameChunk:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.render, chunk)
+
+    def release(self, request_id: str) -> None:
+        self.renderer.release(request_id)
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+async def produce(
+    order: ProductionOrder,
+    source: LatentSource,
+    renderer: FrameRenderer,
+    compositor: Compositor,
+    *,
+    mp4_path: Path | None,
+    thumbnail_path: Path | None = None,
+    started: float | None = None,
+    understand_s: float = 0.0,
+) -> AsyncGenerator[ProductionEvent, None]:
+    """Produce one video: progress and fragments as they happen, then ``Produced``.
+
+    ``started`` (``time.perf_counter``) is when the request began, for first-fragment and total times.
+    """
+    started = time.perf_counter() if started is None else started
+    storyboard = order.storyboard
+    session = await asyncio.to_thread(
+        compositor.open,
+        storyboard,
+        request_id=order.request_id,
+        product_images=[image.to_pil() for image in order.product_images],
+        audio=order.audio,
+        seed=order.seed,
+    )
+    timings = StageTimings(understand_s=understand_s)
+    shot_denoise_s: list[float] = []
+    shot_denoised_at: list[float] = []
+    # Output order: a step event, or the task rendering the next chunk (in storyboard order).
+    ordered: asyncio.Queue[Any] = asyncio.Queue()
+    end = object()
+    render_tasks: list[asyncio.Task[FrameChunk]] = []
+    last_task_of_shot: dict[int, asyncio.Task[FrameChunk]] = {}
+
+    async def render_in_order(chunk: LatentChunk, previous: asyncio.Task[FrameChunk] | None) -> FrameChunk:
+        if previous is not None:
+            await previous  # a shot's decoder cache needs its chunks in order
+        return await renderer.render(chunk)
+
+    async def feed() -> None:
+        try:
+            async for item in source.stream(order):
+                if isinstance(item, DenoiseStep):
+                    await ordered.put(item)
+                    continue
+                timings.generate_s += item.timings.get("denoise_s", 0.0)
+                if item.chunk_index == 0:  # a shot's first chunk carries its denoise time
+                    shot_denoise_s.append(item.timings.get("denoise_s", 0.0))
+                    shot_denoised_at.append(item.timings.get("denoised_at", time.time()))
+                task = asyncio.create_task(render_in_order(item, last_task_of_shot.get(item.shot_index)))
+                last_task_of_shot[item.shot_index] = task
+                render_tasks.append(task)
+                await ordered.put(task)
+            await ordered.put(end)
+        except Exception as exc:  # noqa: BLE001 - handed to the consuming loop, which raises it
+            await ordered.put(exc)
+
+    steps_done = [0] * len(storyboard.shots)
+    steps_total = 0
+    frames_done = 0
+    fragment_count = 0
+
+    def fragment(data: bytes) -> Fragment:
+        nonlocal fragment_count
+        if timings.first_fragment_s is None:
+            timings.first_fragment_s = time.perf_counter() - started
+        fragment_count += 1
+        return Fragment(data)
+
+    feeder = asyncio.create_task(feed())
+    finished = False
+    try:
+        while (item := await ordered.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, DenoiseStep):
+                steps_total = item.steps * len(storyboard.shots)
+                steps_done[item.shot_index] = item.step
+            else:
+                frame_chunk: FrameChunk = await item
+                timings.render_s += frame_chunk.timings.get("decode_s", 0.0)
+                for data in await asyncio.to_thread(session.push, frame_chunk):
+                    yield fragment(data)
+                frames_done += frame_chunk.frames.shape[0]
+            yield ProductionProgress(sum(steps_done), steps_total, frames_done, storyboard.total_frames)
+        tail, result = await asyncio.to_thread(session.finish, mp4_path, thumbnail_path)
+        finished = True
+        for data in tail:
+            yield fragment(data)
+        timings.compose_s = result.encode_s
+        timings.render_retries = renderer.retries
+        timings.generate_restarts = source.restarts
+        timings.total_s = time.perf_counter() - started
+        yield Produced(result, timings, shot_denoise_s, shot_denoised_at, fragment_count)
+    finally:
+        feeder.cancel()
+        for task in render_tasks:
+            task.cancel()
+        # Let cancelled work unwind (the source stops its denoising thread) before state is dropped.
+        await asyncio.gather(feeder, *render_tasks, return_exceptions=True)
+        if not finished:
+            session.close()
+            renderer.release(order.request_id)

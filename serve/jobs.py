@@ -1,0 +1,404 @@
+"""Video jobs, apart from HTTP: admission, planning, the shared queue's workers, and productions.
+
+Every video, whichever endpoint accepted it, is a job record in the job store (SQLite, or
+PostgreSQL for a cluster) and ends as a file in the video store, so a streamed video can be
+downloaded again and a job accepted before a restart is produced after it. The store is shared by
+every ingress replica: it admits (stream slots, pending jobs) atomically before any model work, and
+its queue is worked by every replica's workers, which claim jobs under leases they renew, so a job
+whose replica or node died is produced by another. Requests are planned before they are accepted (a
+bad brief costs no GPU time and gets a 400); production runs in the compositor deployment, which
+drives generator and renderers and streams fMP4 fragments back here.
+
+``JobService`` is that logic for one ingress replica; the ingress routes parse requests and call it.
+What a production needs travels inside the process as a typed ``ProductionRequest``; it becomes
+JSON only where it leaves the process, in the job record (``JobRecord.request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from typing import Any, TypeAlias, cast
+
+from pydantic import BaseModel, ValidationError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from shopreel.pipelines.produce import Fragment, Produced, ProductionOrder, ProductionProgress
+from shopreel.pipelines.types import Storyboard
+
+from .config import ServeConfig
+from .metrics import ServingMetrics
+from .protocol import APIError, AudioChoice, JobRequest, overloaded
+from .stage_clients import StageUnavailable, replica_lost
+from .store import (
+    AdmissionKind,
+    AdmissionRefused,
+    Claim,
+    JobRecord,
+    JobStore,
+    ProductionKind,
+    VideoStore,
+    new_video_id,
+)
+
+logger = logging.getLogger("shopreel.serve")
+
+STORE_GAUGES_PERIOD_S = 2.0  # how often an ingress replica samples the shared queue for its gauges
+
+# A streaming request's end of a production: fMP4 fragments, then None; an exception if it failed.
+FragmentListener: TypeAlias = asyncio.Queue[bytes | BaseException | None]
+
+
+class ProductionRequest(BaseModel):
+    """What producing one planned video needs, made once when the video is accepted.
+
+    A job record stores it as JSON (``JobRecord.request``) so that any replica, after any restart,
+    can produce the video; its keys are the stored format, so renaming a field breaks existing stores.
+    """
+
+    job: JobRequest
+    storyboard: Storyboard
+    audio: AudioChoice = "bed"
+    understand_s: float = 0.0  # planning time, counted into the video's total
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> ProductionRequest:
+        return cls.model_validate_json(record.request)
+
+    def to_record_json(self) -> str:
+        return self.model_dump_json()
+
+    def order(self, video_id: str) -> ProductionOrder:
+        """The compositor's order for this video (the same one on every attempt: same seed, same video)."""
+        brief, options = self.job.brief, self.job.options
+        return ProductionOrder(
+            request_id=video_id,
+            storyboard=self.storyboard,
+            product_images=list(brief.images),
+            seed=brief.seed,
+            audio=self.audio,
+            num_inference_steps=options.num_inference_steps,
+            guidance_scale=options.guidance_scale,
+        )
+
+
+def failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
+    """Job error codes and client-safe messages: the client's mistake, capacity, a lost stage, or ours.
+
+    Messages never carry Ray internals (actor ids, node addresses, tracebacks): those go to the log,
+    which the video id in the message finds.
+    """
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the stage's own exception
+    if isinstance(cause, ValueError):
+        return "invalid_request", str(cause)
+    if isinstance(cause, BackPressureError):
+        return "overloaded", "a stage of the cluster is at capacity; retry later"
+    if replica_lost(cause) or isinstance(cause, StageUnavailable):  # idempotent: it is produced again
+        return "stage_unavailable", f"a stage replica was lost while producing video {video_id}; retry later"
+    return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
+
+
+def _seconds_text(duration_s: float) -> str:
+    return f"{duration_s:g}" if duration_s != int(duration_s) else str(int(duration_s))
+
+
+class JobService:
+    """The jobs of one ingress replica: accepts videos, works the shared queue, runs productions.
+
+    Background work (queue workers, store gauges) runs on the event loop of the first ``start``.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        planner: DeploymentHandle,
+        compositor: DeploymentHandle,
+        jobs: JobStore,
+        videos: VideoStore,
+        metrics: ServingMetrics,
+    ) -> None:
+        self.config = config
+        self.planner = planner
+        self.compositor = compositor
+        self.jobs = jobs
+        self.videos = videos
+        self.metrics = metrics
+        # This replica's name on the leases it holds; a restarted replica is a new owner.
+        self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.job_waiting: asyncio.Event | None = None
+        self.productions: dict[str, asyncio.Task[None]] = {}
+        self._background: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start the queue's workers and the store gauges on the running event loop (first call wins)."""
+        if self.job_waiting is None:
+            self.job_waiting = asyncio.Event()
+            self._background = [
+                asyncio.create_task(self._worker()) for _ in range(self.config.jobs.concurrency)
+            ]
+            self._background.append(asyncio.create_task(self._report_store()))
+
+    # --- accepting ------------------------------------------------------------------------------
+
+    async def accept(
+        self,
+        job_request: JobRequest,
+        *,
+        prompt: str | None,
+        model: str,
+        kind: ProductionKind,
+        audio: AudioChoice = "bed",
+    ) -> tuple[JobRecord, ProductionRequest]:
+        """Admit, plan (a bad brief is a 400 before anything is stored), and record the video.
+
+        A job joins the shared queue; a stream or sync video is recorded as started by this replica,
+        under a lease, and keeps its stream slot until its production ends.
+        """
+        self.start()
+        video_id = new_video_id()
+        await self._admit(video_id, kind)
+        try:
+            started = time.perf_counter()
+            try:
+                storyboard = await self.planner.plan.remote(
+                    job_request.brief, job_request.profile, job_request.campaign
+                )
+            except (BackPressureError, DeploymentUnavailableError) as exc:
+                raise overloaded(exc, self.config.jobs.retry_after_s) from None
+            except ValueError as exc:  # the planner refused what the schema let through
+                raise APIError.invalid(str(exc)) from None
+            negative = job_request.options.negative_prompt
+            if negative:
+                shots = [s.model_copy(update={"negative_prompt": negative}) for s in storyboard.shots]
+                storyboard = storyboard.model_copy(update={"shots": shots})
+            production = ProductionRequest(
+                job=job_request,
+                storyboard=storyboard,
+                audio=audio,
+                understand_s=time.perf_counter() - started,
+            )
+            record = JobRecord(
+                id=video_id,
+                kind=kind,
+                model=model,
+                prompt=prompt,
+                seconds=_seconds_text(storyboard.duration_s),
+                size=f"{storyboard.width}x{storyboard.height}",
+                request=production.to_record_json(),
+                num_frames=storyboard.total_frames,
+            )
+            if kind == "job":
+                record = await asyncio.to_thread(self.jobs.enqueue, record)
+                assert self.job_waiting is not None
+                self.job_waiting.set()  # wake a worker here; other replicas find it at their next poll
+            else:
+                lease_s = self.config.jobs.lease_s
+                record = await asyncio.to_thread(self.jobs.start, record, self.owner, lease_s)
+        except BaseException:
+            await asyncio.to_thread(self.jobs.release, video_id)
+            raise
+        return record, production
+
+    async def _admit(self, video_id: str, kind: ProductionKind) -> None:
+        """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full."""
+        settings = self.config.jobs
+        slot: AdmissionKind = "job" if kind == "job" else "stream"
+        limit = settings.max_pending if slot == "job" else settings.max_streams
+        try:
+            await asyncio.to_thread(self.jobs.admit, video_id, slot, limit, settings.lease_s)
+        except AdmissionRefused as exc:
+            self.metrics.refused("queue_full" if slot == "job" else "overloaded")
+            what = "videos are waiting" if slot == "job" else "videos are streaming"
+            raise APIError.overloaded(
+                f"{exc.count} {what}, the most this cluster takes at once",
+                settings.retry_after_s,
+                status_code=429 if slot == "job" else 503,
+            ) from None
+
+    async def delete(self, video_id: str) -> None:
+        """Forget a video: stop its production if this replica runs it, drop its record and files."""
+        production = self.productions.pop(video_id, None)
+        if production is not None:
+            production.cancel()
+        # Another replica producing it sees its lease gone at the next renewal and stops.
+        await asyncio.to_thread(self.jobs.delete, video_id)
+        self.videos.delete(video_id)
+
+    # --- the shared queue -----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        """Claim jobs from the shared queue (any replica's) and produce them, one at a time."""
+        settings = self.config.jobs
+        assert self.job_waiting is not None
+        while True:
+            try:
+                claim: Claim | None = await asyncio.to_thread(
+                    self.jobs.claim,
+                    self.owner,
+                    lease_s=settings.lease_s,
+                    max_running=settings.max_running,
+                    max_attempts=settings.max_attempts,
+                )
+            except Exception:  # noqa: BLE001 - the store is briefly unreachable: keep the worker alive
+                logger.warning("claiming a job failed; retrying", exc_info=True)
+                claim = None
+            if claim is None:
+                self.job_waiting.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.job_waiting.wait(), settings.poll_interval_s)
+                continue
+            record = claim.record
+            if claim.attempt > 1:
+                logger.info("video %s: attempt %d (an earlier one was lost)", record.id, claim.attempt)
+            try:
+                production = ProductionRequest.from_record(record)
+            except ValidationError:
+                # Written by an incompatible release, or damaged: no attempt can produce it.
+                logger.error(
+                    "video %s: its stored request is unreadable; failing it", record.id, exc_info=True
+                )
+                message = f"video {record.id} could not be produced (its stored request is unreadable)"
+                await self._update_owned(
+                    record.id, status="failed", error={"code": "internal_error", "message": message}
+                )
+                continue
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.start_production(record, production)
+
+    async def _report_store(self) -> None:
+        """Queue gauges from the shared store, on a period (not per claim: workers poll often)."""
+        while True:
+            try:
+                self.metrics.store_counts(await asyncio.to_thread(self.jobs.counts))
+            except Exception:  # noqa: BLE001 - a missed sample; the next one comes
+                logger.warning("reading the job store's counts failed", exc_info=True)
+            await asyncio.sleep(STORE_GAUGES_PERIOD_S)
+
+    # --- producing ------------------------------------------------------------------------------
+
+    def start_production(
+        self,
+        record: JobRecord,
+        production: ProductionRequest,
+        *,
+        listener: FragmentListener | None = None,
+    ) -> asyncio.Task[None]:
+        """Produce an accepted video in a task that holds its lease; ``listener`` gets its fragments."""
+        task = asyncio.create_task(self._produce(record, production, listener))
+        self.productions[record.id] = task
+        lease_keeper = asyncio.create_task(self._keep_lease(record.id, task))
+
+        def finished(_: asyncio.Task[None]) -> None:
+            self.productions.pop(record.id, None)
+            lease_keeper.cancel()
+
+        task.add_done_callback(finished)
+        return task
+
+    async def _keep_lease(self, video_id: str, production: asyncio.Task[None]) -> None:
+        """Renew the production's lease (and stream slot); stop it if the job was deleted or taken over."""
+        lease_s = self.config.jobs.lease_s
+        while not production.done():
+            await asyncio.sleep(lease_s / 3)
+            try:
+                held = await asyncio.to_thread(self.jobs.renew, video_id, self.owner, lease_s)
+            except Exception:  # noqa: BLE001 - try again before the lease runs out
+                logger.warning("renewing the lease of %s failed", video_id, exc_info=True)
+                continue
+            if not held:
+                logger.info("video %s was deleted or taken over: stopping its production", video_id)
+                production.cancel()
+                return
+
+    async def _produce(
+        self, record: JobRecord, production: ProductionRequest, listener: FragmentListener | None
+    ) -> None:
+        """Consume the compositor's events into the video store and the job record."""
+        started = time.perf_counter()
+        kind = record.kind
+        self.metrics.production_started(kind)
+        outcome = "cancelled"  # what the metrics count when it ends, unless it gets further
+        error_code: str | None = None
+        first_fragment_s: float | None = None
+        first_fragment_at: float | None = None
+        progress = 0
+        stream = cast(
+            DeploymentResponseGenerator,
+            self.compositor.options(stream=True).produce.remote(production.order(record.id)),
+        )
+        try:
+            async for event in stream:
+                if isinstance(event, Fragment):
+                    if first_fragment_s is None:
+                        first_fragment_s, first_fragment_at = time.perf_counter() - started, time.time()
+                    if listener is not None:
+                        listener.put_nowait(event.data)
+                elif isinstance(event, ProductionProgress):
+                    if event.percent > progress:
+                        progress = event.percent
+                        if await self._update_owned(record.id, progress=progress) is None:
+                            raise asyncio.CancelledError  # deleted or taken over while producing
+                elif isinstance(event, Produced):
+                    with self.videos.open_writer(record.id, "thumbnail") as file:
+                        file.write(event.thumbnail)
+                    with self.videos.open_writer(record.id, "video") as file:
+                        file.write(event.mp4)
+                    # Planning happened here, not in the compositor: its time and the end-to-end
+                    # times are this replica's, measured from when the video was accepted.
+                    timings: dict[str, float | None] = {
+                        **event.timings.as_dict(),
+                        "understand_s": production.understand_s,
+                        "first_fragment_s": first_fragment_s,
+                        "total_s": time.perf_counter() - started + production.understand_s,
+                        "first_fragment_at": first_fragment_at,
+                        "last_shot_denoised_at": event.shot_denoised_at[-1]
+                        if event.shot_denoised_at
+                        else None,
+                    }
+                    now = int(time.time())
+                    await self._update_owned(
+                        record.id,
+                        status="completed",
+                        progress=100,
+                        completed_at=now,
+                        expires_at=now + self.config.jobs.video_ttl_s,
+                        timings=timings,
+                    )
+                    self.metrics.observe_video(timings, event.compose.num_frames)
+                    outcome = "completed"
+            if outcome != "completed":  # the compositor ends every stream with the video or an error
+                raise RuntimeError(f"the compositor's stream for {record.id} ended without a video")
+        except Exception as exc:  # noqa: BLE001 - recorded on the job; the worker goes on
+            code, message = failure_code(exc, record.id)
+            logger.warning("video %s failed (%s)", record.id, code, exc_info=True)
+            error_code = code
+            if code == "stage_unavailable" and record.attempts < self.config.jobs.max_attempts:
+                # Same storyboard and seed, same video: hand it back to the queue for another try. A
+                # stream's client sees the error; the video it asked for is still made, by id.
+                outcome = "retried"
+                await asyncio.to_thread(self.jobs.requeue, record.id, self.owner)
+                assert self.job_waiting is not None
+                self.job_waiting.set()
+            else:
+                outcome = "failed"
+                await self._update_owned(record.id, status="failed", error={"code": code, "message": message})
+            if listener is not None:
+                listener.put_nowait(exc)
+        finally:
+            stream.cancel()  # no-op when the stream ended; stops the compositor when we were cancelled
+            self.metrics.production_ended(kind, outcome, error_code)
+            if kind != "job":
+                await asyncio.to_thread(self.jobs.release, record.id)
+            if listener is not None:
+                listener.put_nowait(None)
+
+    async def _update_owned(self, video_id: str, **fields: Any) -> JobRecord | None:
+        """A job update that lands only while this replica holds the job's lease (else ``None``)."""
+        update = functools.partial(self.jobs.update, video_id, owner=self.owner, **fields)
+        return await asyncio.to_thread(update)

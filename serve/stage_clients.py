@@ -1,0 +1,326 @@
+"""The production driver's ports in a cluster: async adapters around the generator and renderer handles.
+
+``pipelines.produce`` drives a video through a ``LatentSource`` and a ``FrameRenderer``; the
+compositor replica passes these two, one pair per video. They carry what only a cluster needs.
+
+Renderer state. The causal decoder cache of a shot lives on the renderer replica that decoded its
+previous chunk, so all chunks of a shot are routed with the same ``multiplexed_model_id`` (Serve
+routes such calls to the replica that already "holds" that id). Routing affinity is best effort (a
+busy or restarted replica can lose it), so the cache is treated as a cache: a replica without the
+shot's state answers ``NeedHistory`` and the adapter resends the chunk with the shot's earlier
+latents (a few MB even at 480p), from which the replica rebuilds the state. Frames are identical
+either way; only the retry costs time.
+
+Replica loss inside a request. A stage replica can die while a video is being made (OOM kill, node
+loss, a crash). The adapters retry the lost call instead of failing the video: a lost chunk is
+rendered again on another replica together with the shot's earlier latents (the ``NeedHistory``
+path), and a lost generator stream is re-issued from the first shot not fully received (shots are
+seeded one by one, so the re-run gives the same latents; chunks that already arrived are dropped).
+Frames equal those of a run without the fault. Retries are bounded (``RetryPolicy``); when they are
+spent the video fails with ``StageUnavailable``, whose message carries no Ray internals.
+
+Tensors cross replicas as numpy arrays (Ray's zero-copy path), never as lists or base64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from shopreel.pipelines.produce import DenoiseStep, ProductionOrder
+from shopreel.pipelines.types import FrameChunk, LatentChunk
+
+logger = logging.getLogger("shopreel.serve")
+
+
+# --- replica loss inside a request ---------------------------------------------------------------
+
+
+class StageUnavailable(RuntimeError):
+    """A stage's replicas kept dying during one video and the retries are spent.
+
+    The message is meant for clients (no Ray internals); the Ray error it was raised from is chained
+    and logged when it is raised.
+    """
+
+    def __init__(self, stage: str, attempts: int) -> None:
+        plural = "" if attempts == 1 else "s"
+        super().__init__(f"{stage} replicas kept failing ({attempts} attempt{plural}); try again later")
+        self.stage = stage
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses replicas pickled: rebuild from our own arguments, not from the formatted message.
+        return (type(self), (self.stage, self.attempts))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard a video retries a stage call whose replica died, before ``StageUnavailable``.
+
+    Serve needs a few seconds to replace the only replica of a stage; a retried call waits in Serve's
+    queue for the replacement, so the budget bounds the time between the first and the last failure.
+    """
+
+    attempts: int = 5  # consecutive failures of one call (one chunk, or the stream without progress)
+    budget_s: float = 30.0  # ... or this long since the first of them
+    backoff_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # wait before retry n (last one repeats)
+    generator_restarts: int = 4  # stream re-issues per video, however much progress each made
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.generator_restarts < 0:
+            raise ValueError("RetryPolicy needs attempts >= 1 and generator_restarts >= 0")
+        if self.budget_s < 0 or any(delay < 0 for delay in self.backoff_s):
+            raise ValueError("RetryPolicy budget_s and backoff_s must not be negative")
+
+
+# A replica's process or node went away (or none was reachable): the call's input was fine.
+_LOST_REPLICA_ERRORS: tuple[type[BaseException], ...] = (
+    RayActorError,
+    WorkerCrashedError,
+    NodeDiedError,
+    ObjectLostError,
+    DeploymentUnavailableError,
+)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a stage call failed because its replica died (or none was reachable), not its input."""
+    if isinstance(exc, RayTaskError):
+        # A call chained through another deployment reports the dead actor as the task's cause.
+        return isinstance(exc.cause, RayActorError)
+    return isinstance(exc, _LOST_REPLICA_ERRORS)
+
+
+class _Failures:
+    """Consecutive replica losses of one stage call: waits before the next attempt or gives up."""
+
+    def __init__(self, stage: str, policy: RetryPolicy, request_id: str) -> None:
+        self.stage = stage
+        self.policy = policy
+        self.request_id = request_id
+        self.count = 0
+        self.first_at = 0.0
+
+    def reset(self) -> None:
+        """The call made progress: later losses start a new streak."""
+        self.count = 0
+
+    async def wait_or_give_up(self, exc: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self.count == 0:
+            self.first_at = now
+        self.count += 1
+        policy = self.policy
+        delay = policy.backoff_s[min(self.count, len(policy.backoff_s)) - 1] if policy.backoff_s else 0.0
+        if self.count >= policy.attempts or now + delay - self.first_at > policy.budget_s:
+            logger.error(
+                "request %s: %s replica lost (%s), giving up after %d attempts",
+                self.request_id,
+                self.stage,
+                what,
+                self.count,
+                exc_info=exc,
+            )
+            raise StageUnavailable(self.stage, self.count) from exc
+        logger.warning(
+            "request %s: %s replica lost (%s), retry %d in %.2f s",
+            self.request_id,
+            self.stage,
+            what,
+            self.count,
+            delay,
+            exc_info=exc,
+        )
+        await asyncio.sleep(delay)
+
+
+class ChunkLedger:
+    """Which latent chunks of one video arrived, so a re-issued generator stream resumes cleanly.
+
+    The generator emits shots in order and a shot's chunks in order, so what arrived is a prefix: all
+    chunks of shots before ``resume_shot`` and the first few chunks of that shot. A stream re-issued
+    from ``resume_shot`` sends those few again; ``accept`` tells them apart from new ones.
+    """
+
+    def __init__(self, num_shots: int) -> None:
+        if num_shots < 1:
+            raise ValueError(f"num_shots must be >= 1, got {num_shots}")
+        self.num_shots = num_shots
+        self.resume_shot = 0  # the first shot not fully received
+        self._chunks_of_resume_shot = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.resume_shot == self.num_shots
+
+    def accept(self, chunk: LatentChunk) -> bool:
+        """True for a chunk not seen yet; False for one an earlier stream already delivered."""
+        shot, index = chunk.shot_index, chunk.chunk_index
+        if shot < self.resume_shot or (shot == self.resume_shot and index < self._chunks_of_resume_shot):
+            return False
+        if shot != self.resume_shot or index != self._chunks_of_resume_shot:
+            # Anything else would leave a hole the causal renderer cannot decode across.
+            raise RuntimeError(
+                f"generator sent shot {shot} chunk {index}, expected shot {self.resume_shot} chunk "
+                f"{self._chunks_of_resume_shot}"
+            )
+        if chunk.is_last:
+            self.resume_shot += 1
+            self._chunks_of_resume_shot = 0
+        else:
+            self._chunks_of_resume_shot += 1
+        return True
+
+
+@dataclass(frozen=True)
+class NeedHistory:
+    """A renderer replica has no (or another) causal state for this shot: resend with history."""
+
+    next_latent: int
+
+
+# --- the ports -----------------------------------------------------------------------------------
+
+
+class RemoteLatentSource:
+    """The generator deployment as one video's ``LatentSource``; a lost stream is re-issued."""
+
+    def __init__(self, generator: DeploymentHandle, policy: RetryPolicy) -> None:
+        self.generator = generator
+        self.policy = policy
+        self.restarts = 0
+
+    async def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
+        request_id = order.request_id
+        ledger = ChunkLedger(len(order.storyboard.shots))
+        failures = _Failures("generator", self.policy, request_id)
+        # Latents of the chunks received of the shot in progress: what a re-issued stream sends again.
+        partial_shot: list[np.ndarray] = []
+        while not ledger.complete:
+            stream: DeploymentResponseGenerator = self.generator.options(stream=True).generate.remote(  # type: ignore[assignment]
+                order.storyboard,
+                request_id,
+                order.num_inference_steps,
+                order.guidance_scale,
+                start_shot=ledger.resume_shot,
+            )
+            try:
+                async for item in stream:
+                    if isinstance(item, DenoiseStep):
+                        yield item
+                        continue
+                    if not ledger.accept(item):
+                        _check_resent(request_id, item, partial_shot)
+                        continue
+                    failures.reset()
+                    partial_shot = [] if item.is_last else [*partial_shot, np.asarray(item.latents)]
+                    yield item
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if ledger.complete:
+                    break  # lost after its last chunk: nothing is missing
+                self.restarts += 1
+                if self.restarts > self.policy.generator_restarts:
+                    logger.error(
+                        "request %s: generator replica lost %d times, giving up",
+                        request_id,
+                        self.restarts,
+                        exc_info=exc,
+                    )
+                    raise StageUnavailable("generator", self.restarts) from exc
+                await failures.wait_or_give_up(exc, f"stream from shot {ledger.resume_shot}")
+                continue
+            finally:
+                stream.cancel()  # no-op once it ended; stops the replica's denoising when we stop early
+            if not ledger.complete:
+                raise RuntimeError(f"generator stream ended before shot {ledger.resume_shot} was complete")
+
+
+def _check_resent(request_id: str, chunk: LatentChunk, partial_shot: list[np.ndarray]) -> None:
+    """A chunk a re-issued stream sent again: rendered already, it must equal the first copy."""
+    if chunk.chunk_index < len(partial_shot) and not np.array_equal(
+        partial_shot[chunk.chunk_index], np.asarray(chunk.latents)
+    ):
+        # Seeded denoising is deterministic on one device type; keep the first copy (its frames are
+        # out already), so this shot may show a seam at the chunk boundary.
+        logger.warning(
+            "request %s shot %d chunk %d: re-generated latents differ from the first run",
+            request_id,
+            chunk.shot_index,
+            chunk.chunk_index,
+        )
+
+
+class RemoteFrameRenderer:
+    """The renderer deployment as one video's ``FrameRenderer``; keeps each shot's latents for resends.
+
+    At most ``max_in_flight`` chunks are at renderer replicas at once; a chunk waiting to retry does
+    not hold a slot, so other shots' chunks go meanwhile.
+    """
+
+    def __init__(
+        self, renderer: DeploymentHandle, policy: RetryPolicy, request_id: str, max_in_flight: int
+    ) -> None:
+        self.renderer = renderer
+        self.policy = policy
+        self.request_id = request_id
+        self.in_flight = asyncio.Semaphore(max_in_flight)
+        self.retries = 0
+        # A shot's latents so far (one array per chunk): what a replica without the shot's causal cache
+        # rebuilds it from. Dropped once the shot's last chunk is rendered.
+        self.history: dict[int, list[np.ndarray]] = {}
+
+    async def render(self, chunk: LatentChunk) -> FrameChunk:
+        self.history.setdefault(chunk.shot_index, []).append(np.asarray(chunk.latents))
+        handle = self.renderer.options(multiplexed_model_id=f"{self.request_id}:{chunk.shot_index}")
+        failures = _Failures("renderer", self.policy, self.request_id)
+        while True:
+            try:
+                async with self.in_flight:
+                    # After a lost replica the shot's cache is gone for sure: send the history at once.
+                    result = await self._call(handle, chunk, with_history=failures.count > 0)
+                break
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                await failures.wait_or_give_up(exc, f"shot {chunk.shot_index} chunk {chunk.chunk_index}")
+                self.retries += 1
+        if chunk.is_last:
+            self.history.pop(chunk.shot_index, None)  # only now: a retry of this chunk still needs it
+        return result
+
+    def release(self, request_id: str) -> None:
+        self.history.clear()  # replicas drop the shots' caches when they go idle
+
+    def _earlier(self, chunk: LatentChunk) -> np.ndarray:
+        return np.concatenate(self.history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]
+
+    async def _call(self, handle: DeploymentHandle, chunk: LatentChunk, *, with_history: bool) -> FrameChunk:
+        history = self._earlier(chunk) if with_history and chunk.latent_start > 0 else None
+        result = await handle.render.remote(chunk, history)
+        if isinstance(result, NeedHistory):
+            history = self._earlier(chunk)
+            logger.info(
+                "request %s shot %d: renderer lost its cache, resending %d latent frames",
+                self.request_id,
+                chunk.shot_index,
+                history.shape[2],
+            )
+            result = await handle.render.remote(chunk, history)
+        if not isinstance(result, FrameChunk):
+            raise RuntimeError(
+                f"renderer answered {type(result).__name__} for shot {chunk.shot_index} chunk "
+                f"{chunk.chunk_index} although its history was sent"
+            )
+        return result

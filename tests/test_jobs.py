@@ -1,0 +1,228 @@
+"""The job service without HTTP or Ray: stored production requests, and a job from accept to video.
+
+Planner and compositor are fakes with the handles' calling shape (``.plan.remote``,
+``.options(stream=True).produce.remote``); the job store is a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from storyboards import make_storyboard
+
+from shopreel.pipelines.compose import ComposeResult
+from shopreel.pipelines.produce import Fragment, Produced, ProductionOrder, ProductionProgress
+from shopreel.pipelines.types import ProductBrief, StageTimings
+from shopreel.serve.config import ServeConfig
+from shopreel.serve.jobs import JobService, ProductionRequest, failure_code
+from shopreel.serve.metrics import ServingMetrics
+from shopreel.serve.protocol import GenerationOptions, JobRequest
+from shopreel.serve.stage_clients import StageUnavailable
+from shopreel.serve.store import JobRecord, SqliteJobStore, VideoStore
+
+BRIEF = ProductBrief(
+    title="Thermo Mug", selling_points=["Keeps coffee hot"], duration_s=2, size="64x64", fps=8
+)
+
+
+def _production() -> ProductionRequest:
+    return ProductionRequest(
+        job=JobRequest(brief=BRIEF, options=GenerationOptions(num_inference_steps=3, negative_prompt="blur")),
+        storyboard=make_storyboard(),
+        audio="none",
+        understand_s=0.25,
+    )
+
+
+def _record(request: str) -> JobRecord:
+    return JobRecord(model="shopreel-tiny", seconds="2", size="64x64", request=request)
+
+
+def test_production_request_round_trips_through_the_job_store(tmp_path):
+    production = _production()
+    with SqliteJobStore(tmp_path / "jobs.sqlite3") as jobs:
+        jobs.enqueue(_record(production.to_record_json()))
+        claim = jobs.claim("worker", lease_s=30, max_running=4, max_attempts=3)
+    assert claim is not None
+    assert ProductionRequest.from_record(claim.record) == production
+    # The stored keys are the column's format, shared with records written before the typed model.
+    assert set(json.loads(claim.record.request)) == {"job", "storyboard", "audio", "understand_s"}
+
+
+def test_a_record_in_the_old_json_format_still_parses():
+    production = _production()
+    stored = {  # what _accept wrote with json.dumps before ProductionRequest existed
+        "job": production.job.model_dump(mode="json"),
+        "storyboard": production.storyboard.model_dump(mode="json"),
+        "audio": "none",
+        "understand_s": 0.25,
+    }
+    assert ProductionRequest.from_record(_record(json.dumps(stored))) == production
+    # Readers always defaulted a missing audio and planning time.
+    del stored["audio"], stored["understand_s"]
+    parsed = ProductionRequest.from_record(_record(json.dumps(stored)))
+    assert (parsed.audio, parsed.understand_s) == ("bed", 0.0)
+
+
+def test_the_order_carries_the_request_and_its_options():
+    order = _production().order("video_" + "0" * 32)
+    assert order.request_id == "video_" + "0" * 32 and order.audio == "none"
+    assert order.num_inference_steps == 3 and order.guidance_scale is None
+    assert order.seed == BRIEF.seed and order.product_images == list(BRIEF.images)
+
+
+def test_failure_codes_say_whose_fault_it_was():
+    assert failure_code(ValueError("bad shot"), "v") == ("invalid_request", "bad shot")
+    assert failure_code(StageUnavailable("renderer", 5), "v")[0] == "stage_unavailable"
+    code, message = failure_code(RuntimeError("actor 1234 on 10.0.0.1"), "v")
+    assert code == "internal_error" and "10.0.0.1" not in message
+
+
+# --- accept -> queue -> worker -> video, with fake stage handles ---------------------------------
+
+
+class _Remote:
+    def __init__(self, call):
+        self.remote = call
+
+
+class FakePlanner:
+    def __init__(self):
+        async def plan(brief, profile, campaign):
+            return make_storyboard()
+
+        self.plan = _Remote(plan)
+
+
+class FakeStream:
+    """A compositor's event stream as ``DeploymentResponseGenerator`` looks to its consumer."""
+
+    def __init__(self, events):
+        self.events = events
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        for event in self.events:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeCompositor:
+    def __init__(self, *events):
+        self.events = events
+        self.orders: list[ProductionOrder] = []
+
+        def produce(order):
+            self.orders.append(order)
+            return FakeStream(self.events)
+
+        self.produce = _Remote(produce)
+
+    def options(self, stream: bool):
+        assert stream
+        return self
+
+
+def _produced(num_frames: int) -> Produced:
+    compose = ComposeResult(num_frames, 2.0, 8, 64, 64, False, None, None, 10, 0.1)
+    timings = StageTimings(generate_s=1.0, render_s=0.5, compose_s=0.1, total_s=9.9, render_retries=1)
+    return Produced(compose, timings, [1.0], [123.0], 1, mp4=b"mp4 bytes", thumbnail=b"\xff\xd8\xff")
+
+
+def _service(tmp_path, compositor) -> JobService:
+    config = ServeConfig.model_validate({"jobs": {"data_dir": str(tmp_path), "concurrency": 1}})
+    return JobService(
+        config,
+        planner=FakePlanner(),
+        compositor=compositor,
+        jobs=SqliteJobStore(tmp_path / "jobs.sqlite3"),
+        videos=VideoStore(tmp_path / "videos"),
+        metrics=ServingMetrics(),
+    )
+
+
+async def _finished(service: JobService, video_id: str) -> JobRecord:
+    for _ in range(200):
+        record = await asyncio.to_thread(service.jobs.get, video_id)
+        assert record is not None
+        if record.status in ("completed", "failed"):
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{video_id} did not finish: {record.status}")
+
+
+def test_a_job_is_accepted_queued_and_produced_without_http(tmp_path):
+    frames = make_storyboard().total_frames
+    compositor = FakeCompositor(
+        ProductionProgress(2, 4, 0, frames),
+        Fragment(b"init"),
+        ProductionProgress(4, 4, frames, frames),
+        _produced(frames),
+    )
+    service = _service(tmp_path, compositor)
+    job = JobRequest(brief=BRIEF, options=GenerationOptions(negative_prompt="blur"))
+
+    async def scenario() -> tuple[JobRecord, ProductionRequest]:
+        record, production = await service.accept(job, prompt=None, model="shopreel-tiny", kind="job")
+        assert record.status == "queued" and record.num_frames == frames
+        assert all(shot.negative_prompt == "blur" for shot in production.storyboard.shots)
+        assert ProductionRequest.from_record(record) == production
+        return await _finished(service, record.id), production
+
+    record, production = asyncio.run(scenario())
+    assert record.status == "completed" and record.progress == 100, record
+    assert service.videos.path_for(record.id).read_bytes() == b"mp4 bytes"
+    timings = record.timings or {}
+    assert timings["generate_s"] == 1.0 and timings["render_retries"] == 1  # the compositor's
+    # Planning, first fragment and total are this replica's, measured from accepting the video.
+    assert timings["understand_s"] == production.understand_s
+    assert timings["understand_s"] <= timings["total_s"] < 9.9 and timings["first_fragment_s"] is not None
+    assert timings["last_shot_denoised_at"] == 123.0
+    (order,) = compositor.orders
+    assert order.request_id == record.id and order.audio == "bed"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(ValueError("no such font"), "invalid_request"), (RuntimeError("boom"), "internal_error")],
+)
+def test_a_failed_production_is_recorded_on_the_job(tmp_path, error, code):
+    service = _service(tmp_path, FakeCompositor(Fragment(b"init"), error))
+
+    async def scenario() -> JobRecord:
+        record, _ = await service.accept(
+            JobRequest(brief=BRIEF), prompt="p", model="shopreel-tiny", kind="job"
+        )
+        return await _finished(service, record.id)
+
+    record = asyncio.run(scenario())
+    assert record.status == "failed" and record.error is not None and record.error["code"] == code
+
+
+def test_an_unreadable_stored_request_fails_its_job_and_the_worker_goes_on(tmp_path):
+    frames = make_storyboard().total_frames
+    service = _service(tmp_path, FakeCompositor(_produced(frames)))
+    damaged = JobRecord(model="shopreel-tiny", seconds="2", size="64x64", request='{"job": "not a job"}')
+    service.jobs.enqueue(damaged)
+
+    async def scenario() -> tuple[JobRecord, JobRecord]:
+        service.start()
+        failed = await _finished(service, damaged.id)
+        record, _ = await service.accept(
+            JobRequest(brief=BRIEF), prompt=None, model="shopreel-tiny", kind="job"
+        )
+        return failed, await _finished(service, record.id)
+
+    failed, after = asyncio.run(scenario())
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error["code"] == "internal_error" and "unreadable" in failed.error["message"]
+    assert after.status == "completed"  # the one worker survived the bad record
