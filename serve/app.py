@@ -12,6 +12,7 @@ logged.
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -22,6 +23,7 @@ from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shopreel.pipelines.presets import resolve_preset
 
@@ -55,7 +57,39 @@ logger = logging.getLogger("shopreel.serve")
 
 RENDERER_STATS_TIMEOUT_S = 5.0  # /v1/models asks one renderer replica what it runs
 
+
+class ServerTiming:
+    """ASGI middleware: ``Server-Timing: ingress;dur=<ms>`` on every response.
+
+    The time from the request reaching this replica to its response headers: what the ingress itself
+    spent (admission, planning, for a stream the first fragment). Set against a client's latency it
+    shows how long the request waited in front of the replica (the HTTP proxy, a busy CPU).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                spent_ms = (time.perf_counter() - started) * 1000
+                headers = [
+                    *message.get("headers", []),
+                    (b"server-timing", f"ingress;dur={spent_ms:.1f}".encode()),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
 api = FastAPI(title="shopreel", description="Product briefs in, product videos out.", version="0.1")
+api.add_middleware(ServerTiming)
 
 
 @api.exception_handler(APIError)
@@ -181,6 +215,7 @@ class Ingress:
 
     @api.post("/v1/videos")
     async def create_video(self, request: Request) -> JSONResponse:
+        self.service.refuse_if_full("job")  # a burst's refusals cost no body parsing either
         create = await self._read_create_request(request)
         job_request, model = self._job_from_prompt(create)
         self._ensure_started()
@@ -233,6 +268,7 @@ class Ingress:
 
     @api.post("/v1/videos/sync")
     async def create_video_sync(self, request: Request) -> Response:
+        self.service.refuse_if_full("sync")
         create = await self._read_create_request(request)
         job_request, model = self._job_from_prompt(create)
         self._ensure_started()
@@ -252,7 +288,12 @@ class Ingress:
 
     @api.post("/v1/product-videos")
     async def product_video(self, request: Request) -> Response:
-        body = ProductVideoRequest.from_json(await read_json(request))
+        data = await read_json(request)
+        # Refused before validating the brief: the cheapest refusal is the one that reads least.
+        self.service.refuse_if_full(
+            "stream" if isinstance(data, dict) and data.get("stream") is True else "job"
+        )
+        body = ProductVideoRequest.from_json(data)
         model = self._check_model(body.model)
         kind: ProductionKind = "stream" if body.stream else "job"
         self._ensure_started()

@@ -117,6 +117,13 @@ class JobSettings(_Config):
     )
     store_pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per replica")
     retry_after_s: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with 429/503")
+    refusal_memory_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=10,
+        description="after the store refuses a slot, a replica refuses that kind itself for this long "
+        "(a burst's refusals cost no store round trip; it never admits on its own); 0: always ask the store",
+    )
     video_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="expires_at horizon")
 
     def store_url(self) -> str:

@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 import uuid
-from typing import Any, TypeAlias, cast
+from typing import Any, NoReturn, TypeAlias, cast
 
 from pydantic import BaseModel, ValidationError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -103,6 +103,11 @@ def failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
     return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
 
 
+def _slot_of(kind: ProductionKind) -> AdmissionKind:
+    """Jobs take a pending-queue slot; streams and sync videos a stream slot."""
+    return "job" if kind == "job" else "stream"
+
+
 def _seconds_text(duration_s: float) -> str:
     return f"{duration_s:g}" if duration_s != int(duration_s) else str(int(duration_s))
 
@@ -133,6 +138,8 @@ class JobService:
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.job_waiting: asyncio.Event | None = None
         self.productions: dict[str, asyncio.Task[None]] = {}
+        # Slot kinds the store refused lately: until when to refuse them here, and the count it gave.
+        self._full: dict[AdmissionKind, tuple[float, int]] = {}
         self._background: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -205,21 +212,45 @@ class JobService:
             raise
         return record, production
 
+    def refuse_if_full(self, kind: ProductionKind) -> None:
+        """Raise the 429/503 at once if the store refused this kind of slot moments ago.
+
+        Only a refusal is remembered, never a grant: admitting stays the store's atomic decision. A
+        slot freed elsewhere meanwhile is missed for at most ``jobs.refusal_memory_s``, the price of
+        answering a burst's refusals without a store round trip each.
+        """
+        slot = _slot_of(kind)
+        remembered = self._full.get(slot)
+        if remembered is not None:
+            until, count = remembered
+            if time.monotonic() < until:
+                self._refuse(slot, count)
+            del self._full[slot]
+
+    def _slot_freed(self, slot: AdmissionKind) -> None:
+        self._full.pop(slot, None)  # this replica freed one: ask the store again
+
+    def _refuse(self, slot: AdmissionKind, count: int) -> NoReturn:
+        self.metrics.refused("queue_full" if slot == "job" else "overloaded")
+        what = "videos are waiting" if slot == "job" else "videos are streaming"
+        raise APIError.overloaded(
+            f"{count} {what}, the most this cluster takes at once",
+            self.config.jobs.retry_after_s,
+            status_code=429 if slot == "job" else 503,
+        )
+
     async def _admit(self, video_id: str, kind: ProductionKind) -> None:
         """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full."""
+        self.refuse_if_full(kind)
         settings = self.config.jobs
-        slot: AdmissionKind = "job" if kind == "job" else "stream"
+        slot = _slot_of(kind)
         limit = settings.max_pending if slot == "job" else settings.max_streams
         try:
             await asyncio.to_thread(self.jobs.admit, video_id, slot, limit, settings.lease_s)
         except AdmissionRefused as exc:
-            self.metrics.refused("queue_full" if slot == "job" else "overloaded")
-            what = "videos are waiting" if slot == "job" else "videos are streaming"
-            raise APIError.overloaded(
-                f"{exc.count} {what}, the most this cluster takes at once",
-                settings.retry_after_s,
-                status_code=429 if slot == "job" else 503,
-            ) from None
+            if settings.refusal_memory_s > 0:
+                self._full[slot] = (time.monotonic() + settings.refusal_memory_s, exc.count)
+            self._refuse(slot, exc.count)
 
     async def delete(self, video_id: str) -> None:
         """Forget a video: stop its production if this replica runs it, drop its record and files."""
@@ -254,6 +285,7 @@ class JobService:
                     await asyncio.wait_for(self.job_waiting.wait(), settings.poll_interval_s)
                 continue
             record = claim.record
+            self._slot_freed("job")  # the claim moved a job out of the pending queue
             if claim.attempt > 1:
                 logger.info("video %s: attempt %d (an earlier one was lost)", record.id, claim.attempt)
             try:
@@ -395,6 +427,7 @@ class JobService:
             self.metrics.production_ended(kind, outcome, error_code)
             if kind != "job":
                 await asyncio.to_thread(self.jobs.release, record.id)
+                self._slot_freed("stream")
             if listener is not None:
                 listener.put_nowait(None)
 

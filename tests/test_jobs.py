@@ -18,7 +18,7 @@ from shopreel.pipelines.types import ProductBrief, StageTimings
 from shopreel.serve.config import ServeConfig
 from shopreel.serve.jobs import JobService, ProductionRequest, failure_code
 from shopreel.serve.metrics import ServingMetrics
-from shopreel.serve.protocol import GenerationOptions, JobRequest
+from shopreel.serve.protocol import APIError, GenerationOptions, JobRequest
 from shopreel.serve.stage_clients import StageUnavailable
 from shopreel.serve.store import JobRecord, SqliteJobStore, VideoStore
 
@@ -138,8 +138,8 @@ def _produced(num_frames: int) -> Produced:
     return Produced(compose, timings, [1.0], [123.0], 1, mp4=b"mp4 bytes", thumbnail=b"\xff\xd8\xff")
 
 
-def _service(tmp_path, compositor) -> JobService:
-    config = ServeConfig.model_validate({"jobs": {"data_dir": str(tmp_path), "concurrency": 1}})
+def _service(tmp_path, compositor, **jobs) -> JobService:
+    config = ServeConfig.model_validate({"jobs": {"data_dir": str(tmp_path), "concurrency": 1, **jobs}})
     return JobService(
         config,
         planner=FakePlanner(),
@@ -226,3 +226,38 @@ def test_an_unreadable_stored_request_fails_its_job_and_the_worker_goes_on(tmp_p
     assert failed.status == "failed" and failed.error is not None
     assert failed.error["code"] == "internal_error" and "unreadable" in failed.error["message"]
     assert after.status == "completed"  # the one worker survived the bad record
+
+
+def test_a_refusal_is_remembered_briefly_and_never_turns_into_a_grant(tmp_path):
+    service = _service(tmp_path, FakeCompositor(), max_streams=1, refusal_memory_s=0.3)
+    asked: list[str] = []
+    admit = service.jobs.admit
+
+    def counting_admit(video_id, kind, limit, hold_s):
+        asked.append(kind)
+        return admit(video_id, kind, limit, hold_s)
+
+    service.jobs.admit = counting_admit  # type: ignore[method-assign]
+    job = JobRequest(brief=BRIEF)
+
+    async def refused() -> APIError:
+        try:
+            await service.accept(job, prompt=None, model="shopreel-tiny", kind="stream")
+        except APIError as exc:
+            return exc
+        raise AssertionError("admitted past max_streams")
+
+    async def scenario() -> list[APIError]:
+        await service.accept(job, prompt=None, model="shopreel-tiny", kind="stream")  # the one slot
+        errors = [await refused(), await refused()]  # the store refuses, then the replica itself
+        assert asked == ["stream", "stream"]
+        service.refuse_if_full("job")  # another kind of slot is not affected
+        await asyncio.sleep(0.35)
+        errors.append(await refused())  # forgotten: the store is asked again, and still refuses
+        assert asked == ["stream", "stream", "stream"]
+        return errors
+
+    errors = asyncio.run(scenario())
+    assert [(e.status_code, e.code) for e in errors] == [(503, "queue_full")] * 3
+    assert all("1 videos are streaming" in e.message for e in errors)
+    assert service.jobs.counts().get("admitted_stream") == 1

@@ -106,3 +106,27 @@ def test_a_partial_stage_setting_keeps_that_stages_other_defaults():
     assert config.ingress.max_ongoing_requests == ServeConfig().ingress.max_ongoing_requests == 64
     assert config.ingress.max_queued_requests == -1
     assert config.generator.max_ongoing_requests == 2 and config.generator.resources == {"gpu_node": 0.1}
+
+
+def test_every_response_says_how_long_the_ingress_spent_on_it():
+    import httpx
+    from fastapi import FastAPI
+
+    from shopreel.serve.app import ServerTiming
+
+    app = FastAPI()
+    app.add_middleware(ServerTiming)
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(0.05)
+        return {"ok": "yes"}
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/slow")
+
+    response = asyncio.run(call())
+    name, _, duration = response.headers["server-timing"].partition(";dur=")
+    assert name == "ingress" and 50 <= float(duration) < 5000
