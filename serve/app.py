@@ -11,14 +11,18 @@ logged.
 """
 
 import asyncio
+import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
@@ -27,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shopreel.pipelines.presets import resolve_preset
 
-from .config import ServeConfig
+from .config import SalesEvent, ServeConfig
 from .deployments import CompositorDeployment, GeneratorDeployment, PlannerDeployment, RendererDeployment
 from .jobs import FragmentListener, JobService
 from .metrics import CONTENT_TYPE, ServingMetrics
@@ -290,15 +294,15 @@ class Ingress:
     async def product_video(self, request: Request) -> Response:
         data = await read_json(request)
         # Refused before validating the brief: the cheapest refusal is the one that reads least.
-        self.service.refuse_if_full(
-            "stream" if isinstance(data, dict) and data.get("stream") is True else "job"
-        )
+        if isinstance(data, dict):
+            kind: ProductionKind = "stream" if data.get("stream") is True else "job"
+            self.service.refuse_if_full(kind, "bulk" if data.get("priority") == "bulk" else "normal")
         body = ProductVideoRequest.from_json(data)
         model = self._check_model(body.model)
-        kind: ProductionKind = "stream" if body.stream else "job"
+        kind = "stream" if body.stream else "job"
         self._ensure_started()
         record, production = await self.service.accept(
-            body.job_request(), prompt=None, model=model, audio=body.audio, kind=kind
+            body.job_request(), prompt=None, model=model, audio=body.audio, kind=kind, priority=body.priority
         )
         if not body.stream:
             return JSONResponse(video_object(record))
@@ -331,6 +335,69 @@ class Ingress:
                 "Cache-Control": "no-store",
             },
         )
+
+    # --- admin: the sales-event calendar --------------------------------------------------------
+
+    @api.get("/admin/events")
+    async def list_events(self, request: Request) -> dict[str, Any]:
+        self._require_admin(request)
+        stored = await asyncio.to_thread(self.jobs.events)
+        now = datetime.now(timezone.utc)
+        listed = [(event, "config") for event in self.config.events] + [(event, "admin") for event in stored]
+        return {
+            "object": "list",
+            "data": [
+                {
+                    **event.model_dump(mode="json"),
+                    "source": source,
+                    "raising_floors": event.raises_floors_at(now),
+                }
+                for event, source in listed
+            ],
+        }
+
+    @api.post("/admin/events")
+    async def put_event(self, request: Request) -> dict[str, Any]:
+        """Add (or replace, by name) a sales event; the autoscalers see it within a few seconds."""
+        self._require_admin(request)
+        try:
+            event = SalesEvent.model_validate(await read_json(request))
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+        self._refuse_config_event(event.name)
+        await asyncio.to_thread(self.jobs.put_event, event)
+        logger.info("admin: sales event %s set (%s to %s)", event.name, event.start, event.end)
+        return {**event.model_dump(mode="json"), "source": "admin"}
+
+    @api.delete("/admin/events/{name}")
+    async def delete_event(self, request: Request, name: str) -> dict[str, Any]:
+        self._require_admin(request)
+        self._refuse_config_event(name)
+        if not await asyncio.to_thread(self.jobs.delete_event, name):
+            raise APIError.not_found(f"no sales event named {name!r}", "name")
+        logger.info("admin: sales event %s deleted", name)
+        return {"name": name, "deleted": True}
+
+    def _require_admin(self, request: Request) -> None:
+        """The admin API needs ``Authorization: Bearer <key>``, the key from ``$<admin_key_env>``."""
+        key = os.environ.get(self.config.admin_key_env, "")
+        if not key:
+            raise APIError(
+                403, f"the admin API is off: set ${self.config.admin_key_env}", code="admin_disabled"
+            )
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise APIError(
+                401, "a valid admin key is required (Authorization: Bearer ...)", code="invalid_api_key"
+            )
+
+    def _refuse_config_event(self, name: str) -> None:
+        if any(event.name == name for event in self.config.events):
+            raise APIError(
+                409,
+                f"sales event {name!r} is defined in the server's config; change it there",
+                code="conflict",
+            )
 
     # --- parsing --------------------------------------------------------------------------------
 
@@ -373,17 +440,17 @@ def build_app(config: ServeConfig | None = None) -> serve.Application:
     def deployment(cls: Any) -> Deployment:  # the decorators made these Deployments; mypy sees classes
         return cast(Deployment, cls)
 
-    planner = deployment(PlannerDeployment).options(**config.planner.deployment_options()).bind(config)
-    generator = deployment(GeneratorDeployment).options(**config.generator.deployment_options()).bind(config)
-    renderer = deployment(RendererDeployment).options(**config.renderer.deployment_options()).bind(config)
+    planner = deployment(PlannerDeployment).options(**config.stage_options("planner")).bind(config)
+    generator = deployment(GeneratorDeployment).options(**config.stage_options("generator")).bind(config)
+    renderer = deployment(RendererDeployment).options(**config.stage_options("renderer")).bind(config)
     compositor = (
         deployment(CompositorDeployment)
-        .options(**config.compositor.deployment_options())
+        .options(**config.stage_options("compositor"))
         .bind(config, generator, renderer)
     )
     return (
         deployment(Ingress)
-        .options(**config.ingress.deployment_options())
+        .options(**config.stage_options("ingress"))
         .bind(config, planner, generator, renderer, compositor)
     )
 

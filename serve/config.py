@@ -8,15 +8,18 @@ bounds, and a one-line doc. Replicas ask for fractional CPUs there because Ray g
 
 from __future__ import annotations
 
+import math
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shopreel.pipelines.config import PipelineConfig
 
 JOBS_STORE_ENV = "SHOPREEL_JOBS_STORE"
+STAGES = ("planner", "generator", "renderer", "compositor", "ingress")
 
 
 class _Config(BaseModel):
@@ -24,10 +27,25 @@ class _Config(BaseModel):
 
 
 class AutoscalingSettings(_Config):
-    min_replicas: int = Field(default=1, ge=0, le=64, description="replicas kept when idle")
-    max_replicas: int = Field(default=1, ge=1, le=64, description="upper bound under load")
+    min_replicas: int = Field(default=1, ge=0, le=64, description="replicas kept when idle, outside events")
+    max_replicas: int = Field(default=1, ge=1, le=64, description="upper bound under load and during events")
+    initial_replicas: int | None = Field(
+        default=None, ge=0, le=64, description="replicas started with the app; None: min_replicas"
+    )
     target_ongoing_requests: float = Field(
         default=2.0, gt=0, le=64, description="ongoing requests per replica the autoscaler aims at"
+    )
+    backlog_per_replica: float | None = Field(
+        default=None,
+        gt=0,
+        le=1024,
+        description="the stage's own backlog per replica (generator: shots waiting to be denoised); "
+        "None: target_ongoing_requests",
+    )
+    policy: Literal["backlog", "ray"] = Field(
+        default="backlog",
+        description="backlog: the stage's own backlog and the sales-event calendar (serve/autoscaling.py); "
+        "ray: Ray Serve's default policy on ongoing requests only",
     )
     upscale_delay_s: float = Field(default=5.0, ge=0, le=600, description="load must persist this long")
     downscale_delay_s: float = Field(default=60.0, ge=0, le=3600, description="idle this long to drop one")
@@ -36,7 +54,63 @@ class AutoscalingSettings(_Config):
     def _bounds(self) -> AutoscalingSettings:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must be between min_replicas and max_replicas")
         return self
+
+    def ray_config(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config``, without the policy (``ServeConfig.stage_options`` adds it)."""
+        return self.model_dump(exclude={"backlog_per_replica", "policy"}, exclude_none=True)
+
+
+class SalesEvent(_Config):
+    """A sales event (11.11, 618, ...): heavy stages get raised replica floors from ``prewarm_s`` before
+    ``start`` until ``end``, so their replicas have loaded and warmed models when the peak comes."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    start: datetime = Field(description="when the peak traffic starts (with a UTC offset)")
+    end: datetime = Field(description="when the floors are released (with a UTC offset)")
+    peak_multiplier: float = Field(
+        default=10.0, ge=1, le=100, description="expected traffic over normal: floor = min_replicas x this"
+    )
+    prewarm_s: float = Field(
+        default=1800.0,
+        ge=0,
+        le=7 * 86400,
+        description="floors rise this long before start (model load, warm-up)",
+    )
+    floors: dict[str, int] = Field(
+        default_factory=dict,
+        description="explicit replica floor per stage, instead of the multiplier (other stages keep it)",
+    )
+
+    @field_validator("start", "end")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("give a UTC offset (e.g. 2026-11-11T00:00:00+08:00): a bare time is ambiguous")
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> SalesEvent:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        unknown = set(self.floors) - set(STAGES)
+        if unknown:
+            raise ValueError(f"floors name unknown stages {sorted(unknown)}; stages are {list(STAGES)}")
+        if any(not 0 <= floor <= 64 for floor in self.floors.values()):
+            raise ValueError("floors must be between 0 and 64 replicas")
+        return self
+
+    def raises_floors_at(self, now: datetime) -> bool:
+        return self.start - timedelta(seconds=self.prewarm_s) <= now < self.end
+
+    def floor(self, stage: str, min_replicas: int, max_replicas: int) -> int:
+        """The stage's replica floor while this event raises floors, within [min, max] replicas."""
+        wanted = self.floors.get(stage, math.ceil(max(min_replicas, 1) * self.peak_multiplier))
+        return max(min_replicas, min(max_replicas, wanted))
 
 
 class DeploymentSettings(_Config):
@@ -77,7 +151,7 @@ class DeploymentSettings(_Config):
             "graceful_shutdown_wait_loop_s": 0.2,
         }
         if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.model_dump()
+            options["autoscaling_config"] = self.autoscaling.ray_config()
         else:
             options["num_replicas"] = self.num_replicas
         return options
@@ -106,6 +180,18 @@ class JobSettings(_Config):
     max_streams: int = Field(
         default=4, ge=1, le=100_000, description="sync + streaming videos at once cluster-wide before 503"
     )
+    bulk_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="bulk jobs are refused once the queue holds this share of max_pending (normal jobs: all)",
+    )
+    interactive_reserve: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="stream slots only interactive streams may take: sync requests are refused before them",
+    )
     lease_s: float = Field(
         default=15.0, ge=0.5, le=3600, description="a worker that stops renewing for this long loses its job"
     )
@@ -116,7 +202,18 @@ class JobSettings(_Config):
         default=0.5, gt=0, le=60, description="idle workers look for jobs this often"
     )
     store_pool_size: int = Field(default=8, ge=1, le=256, description="PostgreSQL connections per replica")
-    retry_after_s: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with 429/503")
+    retry_after_s: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Retry-After of a 429/503 when no video of its kind finished lately",
+    )
+    drain_window_s: float = Field(
+        default=300.0,
+        ge=10,
+        le=86_400,
+        description="Retry-After of a refusal is the wait this window's completion rate predicts for a slot",
+    )
     refusal_memory_s: float = Field(
         default=0.25,
         ge=0,
@@ -125,6 +222,20 @@ class JobSettings(_Config):
         "(a burst's refusals cost no store round trip; it never admits on its own); 0: always ask the store",
     )
     video_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="expires_at horizon")
+
+    @model_validator(mode="after")
+    def _reserve_below_limit(self) -> JobSettings:
+        if self.interactive_reserve >= self.max_streams:
+            raise ValueError("interactive_reserve must leave sync requests at least one of max_streams")
+        return self
+
+    def limit_of(self, admission_class: str) -> int:
+        """Slots held (of the class's kind) at which a class is refused: lower classes are shed first."""
+        if admission_class == "bulk":
+            return max(1, math.floor(self.max_pending * self.bulk_share))
+        if admission_class == "sync":
+            return self.max_streams - self.interactive_reserve
+        return self.max_pending if admission_class == "job" else self.max_streams
 
     def store_url(self) -> str:
         """``store``, else $SHOPREEL_JOBS_STORE (a password stays out of config files), else SQLite."""
@@ -172,6 +283,41 @@ class ServeConfig(_Config):
         description="intra-op threads of torch stages; None: every core (Ray would set 1 per fractional CPU)",
     )
     warmup: bool = Field(default=True, description="run one tiny request through every stage before /readyz")
+    events: list[SalesEvent] = Field(
+        default_factory=list,
+        max_length=256,
+        description="sales events known in advance (more can be added at run time: POST /admin/events)",
+    )
+    admin_key_env: str = Field(
+        default="SHOPREEL_ADMIN_KEY",
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="environment variable holding the admin API key; unset: the admin API is off",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _unique_events(cls, events: list[SalesEvent]) -> list[SalesEvent]:
+        names = [event.name for event in events]
+        if len(names) != len(set(names)):
+            raise ValueError("event names must be unique")
+        return events
+
+    def stage_options(self, stage: str) -> dict[str, Any]:
+        """``Deployment.options`` for one stage; an autoscaled one gets the backlog/calendar policy."""
+        settings: DeploymentSettings = getattr(self, stage)
+        options = settings.deployment_options()
+        scaling = settings.autoscaling
+        if scaling is not None and scaling.policy == "backlog":
+            options["autoscaling_config"]["policy"] = {
+                "policy_function": "shopreel.serve.autoscaling:StagePolicy",
+                "policy_kwargs": {
+                    "stage": stage,
+                    "backlog_per_replica": scaling.backlog_per_replica or scaling.target_ongoing_requests,
+                    "events": [event.model_dump(mode="json") for event in self.events],
+                    "jobs": self.jobs.model_dump(mode="json"),
+                },
+            }
+        return options
 
     @model_validator(mode="before")
     @classmethod

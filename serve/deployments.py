@@ -53,6 +53,7 @@ from shopreel.pipelines.types import (
 from shopreel.pipelines.understand import build_planner
 
 from . import stage_metrics as sm
+from .autoscaling import PENDING_SHOTS
 from .config import ServeConfig
 from .stage_clients import NeedHistory, RemoteFrameRenderer, RemoteLatentSource, RetryPolicy
 
@@ -131,6 +132,8 @@ class GeneratorDeployment:
         )
         self.stage_metrics = sm.stage_metrics("generator")
         self.stage_metrics.set(sm.GENERATE_ACTIVE, 0)  # the series exists before the first video
+        self.pending_shots = 0
+        self.stage_metrics.set(sm.GENERATOR_PENDING_SHOTS, 0)
         if config.warmup:
             for _ in self.generator.generate(warmup_storyboard(), request_id="warmup", num_inference_steps=1):
                 pass
@@ -156,12 +159,26 @@ class GeneratorDeployment:
         source = LocalLatentSource(
             self.generator, self.executor, prepare=self._to_numpy, start_shot=start_shot
         )
+        pending = len(storyboard.shots) - start_shot  # this stream's share of the autoscaling backlog
+        self._pending_shots(pending)
         self.stage_metrics.add(sm.GENERATE_ACTIVE, 1)
         try:
             async for item in source.stream(order):
+                if isinstance(item, LatentChunk) and item.is_last:
+                    pending -= 1
+                    self._pending_shots(-1)
                 yield item
         finally:
+            self._pending_shots(-pending)
             self.stage_metrics.add(sm.GENERATE_ACTIVE, -1)
+
+    def _pending_shots(self, delta: int) -> None:
+        self.pending_shots += delta
+        self.stage_metrics.set(sm.GENERATOR_PENDING_SHOTS, self.pending_shots)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Ray Serve hands the autoscaling policy (``serve/autoscaling.py``) for this replica."""
+        return {PENDING_SHOTS: float(self.pending_shots)}
 
     def _to_numpy(self, chunk: LatentChunk) -> LatentChunk:
         """On the denoising thread: count the shot, and make the latents a numpy array to travel."""

@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, cast
 
 from pydantic import BaseModel, ValidationError
@@ -39,6 +40,7 @@ from .store import (
     AdmissionKind,
     AdmissionRefused,
     Claim,
+    JobPriority,
     JobRecord,
     JobStore,
     ProductionKind,
@@ -48,6 +50,7 @@ from .store import (
 
 logger = logging.getLogger("shopreel.serve")
 
+MAX_RETRY_AFTER_S = 600.0  # a predicted wait longer than this is no longer a useful hint
 STORE_GAUGES_PERIOD_S = 2.0  # how often an ingress replica samples the shared queue for its gauges
 
 # A streaming request's end of a production: fMP4 fragments, then None; an exception if it failed.
@@ -103,9 +106,24 @@ def failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
     return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
 
 
+@dataclass(frozen=True)
+class Full:
+    """A refusal by the store: what the 429/503 says, and until when this replica repeats it."""
+
+    slot: AdmissionKind
+    count: int  # slots held when the store refused
+    retry_after_s: float
+    until: float  # time.monotonic()
+
+
 def _slot_of(kind: ProductionKind) -> AdmissionKind:
     """Jobs take a pending-queue slot; streams and sync videos a stream slot."""
     return "job" if kind == "job" else "stream"
+
+
+def _class_of(kind: ProductionKind, priority: JobPriority) -> str:
+    """Admission class, highest first: stream (interactive), sync, job, bulk."""
+    return "bulk" if kind == "job" and priority == "bulk" else kind
 
 
 def _seconds_text(duration_s: float) -> str:
@@ -138,8 +156,8 @@ class JobService:
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.job_waiting: asyncio.Event | None = None
         self.productions: dict[str, asyncio.Task[None]] = {}
-        # Slot kinds the store refused lately: until when to refuse them here, and the count it gave.
-        self._full: dict[AdmissionKind, tuple[float, int]] = {}
+        # Slot kinds the store refused lately, remembered for ``jobs.refusal_memory_s``.
+        self._full: dict[str, Full] = {}  # by admission class
         self._background: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -161,6 +179,7 @@ class JobService:
         model: str,
         kind: ProductionKind,
         audio: AudioChoice = "bed",
+        priority: JobPriority = "normal",
     ) -> tuple[JobRecord, ProductionRequest]:
         """Admit, plan (a bad brief is a 400 before anything is stored), and record the video.
 
@@ -169,7 +188,9 @@ class JobService:
         """
         self.start()
         video_id = new_video_id()
-        await self._admit(video_id, kind)
+        if priority == "bulk" and kind != "job":
+            raise APIError.invalid("priority 'bulk' is for jobs (stream: false)", "priority")
+        await self._admit(video_id, kind, priority)
         try:
             started = time.perf_counter()
             try:
@@ -199,6 +220,7 @@ class JobService:
                 size=f"{storyboard.width}x{storyboard.height}",
                 request=production.to_record_json(),
                 num_frames=storyboard.total_frames,
+                priority=priority,
             )
             if kind == "job":
                 record = await asyncio.to_thread(self.jobs.enqueue, record)
@@ -212,45 +234,69 @@ class JobService:
             raise
         return record, production
 
-    def refuse_if_full(self, kind: ProductionKind) -> None:
+    def refuse_if_full(self, kind: ProductionKind, priority: JobPriority = "normal") -> None:
         """Raise the 429/503 at once if the store refused this kind of slot moments ago.
 
         Only a refusal is remembered, never a grant: admitting stays the store's atomic decision. A
         slot freed elsewhere meanwhile is missed for at most ``jobs.refusal_memory_s``, the price of
         answering a burst's refusals without a store round trip each.
         """
-        slot = _slot_of(kind)
-        remembered = self._full.get(slot)
+        admission_class = _class_of(kind, priority)
+        remembered = self._full.get(admission_class)
         if remembered is not None:
-            until, count = remembered
-            if time.monotonic() < until:
-                self._refuse(slot, count)
-            del self._full[slot]
+            if time.monotonic() < remembered.until:
+                self._refuse(remembered)
+            del self._full[admission_class]
 
     def _slot_freed(self, slot: AdmissionKind) -> None:
-        self._full.pop(slot, None)  # this replica freed one: ask the store again
+        # This replica freed one: ask the store again, for every class taking this kind of slot.
+        for admission_class in ("job", "bulk") if slot == "job" else ("stream", "sync"):
+            self._full.pop(admission_class, None)
 
-    def _refuse(self, slot: AdmissionKind, count: int) -> NoReturn:
-        self.metrics.refused("queue_full" if slot == "job" else "overloaded")
-        what = "videos are waiting" if slot == "job" else "videos are streaming"
+    def _refuse(self, full: Full) -> NoReturn:
+        self.metrics.refused("queue_full" if full.slot == "job" else "overloaded")
+        what = "videos are waiting" if full.slot == "job" else "videos are streaming"
         raise APIError.overloaded(
-            f"{count} {what}, the most this cluster takes at once",
-            self.config.jobs.retry_after_s,
-            status_code=429 if slot == "job" else 503,
+            f"{full.count} {what}, the most this cluster takes at once",
+            full.retry_after_s,
+            status_code=429 if full.slot == "job" else 503,
         )
 
-    async def _admit(self, video_id: str, kind: ProductionKind) -> None:
-        """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full."""
-        self.refuse_if_full(kind)
+    def _retry_after(self, slot: AdmissionKind, waiting: int) -> float:
+        """Seconds until ``waiting`` videos of this kind finish at the rate they finished lately.
+
+        A constant would send every refused client of a burst back at the same moment, into the
+        same full limit; the measured drain rate spreads them over when slots really free up.
+        """
         settings = self.config.jobs
-        slot = _slot_of(kind)
-        limit = settings.max_pending if slot == "job" else settings.max_streams
+        try:
+            rate = self.jobs.drain_rate(slot, settings.drain_window_s)
+        except Exception:  # noqa: BLE001 - a refusal must not fail on its hint
+            logger.warning("reading the drain rate failed", exc_info=True)
+            rate = 0.0
+        if rate <= 0:
+            return float(settings.retry_after_s)  # nothing finished lately: no rate to go by
+        return min(MAX_RETRY_AFTER_S, max(1.0, waiting / rate))
+
+    async def _admit(self, video_id: str, kind: ProductionKind, priority: JobPriority) -> None:
+        """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full.
+
+        Classes share their kind's slots under different limits (``JobSettings.limit_of``), so as the
+        slots fill, bulk jobs are refused before normal ones and sync requests before streams.
+        """
+        self.refuse_if_full(kind, priority)
+        settings = self.config.jobs
+        slot, admission_class = _slot_of(kind), _class_of(kind, priority)
+        limit = settings.limit_of(admission_class)
         try:
             await asyncio.to_thread(self.jobs.admit, video_id, slot, limit, settings.lease_s)
         except AdmissionRefused as exc:
+            # This request waits for every video over the limit, and then one more, to finish.
+            retry_after_s = await asyncio.to_thread(self._retry_after, slot, exc.count - limit + 1)
+            full = Full(slot, exc.count, retry_after_s, time.monotonic() + settings.refusal_memory_s)
             if settings.refusal_memory_s > 0:
-                self._full[slot] = (time.monotonic() + settings.refusal_memory_s, exc.count)
-            self._refuse(slot, exc.count)
+                self._full[admission_class] = full
+            self._refuse(full)
 
     async def delete(self, video_id: str) -> None:
         """Forget a video: stop its production if this replica runs it, drop its record and files."""

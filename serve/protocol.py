@@ -292,6 +292,10 @@ class ProductVideoRequest(BaseModel):
     audio: AudioChoice = Field(default="bed", description="generated music bed, or silence")
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    priority: Literal["normal", "bulk"] = Field(
+        default="normal",
+        description="bulk (catalog pre-generation, jobs only): produced after normal jobs, refused first",
+    )
 
     @classmethod
     def from_json(cls, data: object) -> ProductVideoRequest:

@@ -94,6 +94,20 @@ GENERATOR_RESTARTS = Series(
     "counter",
     "Generator streams re-issued after a generator replica was lost",
 )
+# --- autoscaler (the Serve controller, one series per autoscaled stage) ------------------------
+AUTOSCALER_BACKLOG = Series(
+    "shopreel_autoscaler_backlog", "gauge", "The stage's backlog (generator: shots to denoise; else calls)"
+)
+AUTOSCALER_WANTED = Series("shopreel_autoscaler_wanted_replicas", "gauge", "Replicas the backlog asks for")
+AUTOSCALER_FLOOR = Series(
+    "shopreel_autoscaler_floor_replicas", "gauge", "Replicas the sales-event calendar keeps at least"
+)
+AUTOSCALER_EVENT_ACTIVE = Series(
+    "shopreel_autoscaler_event_active", "gauge", "1 while a sales event (or its pre-warm) raises the floor"
+)
+GENERATOR_PENDING_SHOTS = Series(
+    "shopreel_generator_pending_shots", "gauge", "Shots the replica's streams still have to denoise"
+)
 # --- ingress: requests and productions this replica handled --------------------------------------
 INGRESS_REFUSED = Series(
     "shopreel_ingress_refused",
@@ -147,6 +161,11 @@ ALL_SERIES = (
     COMPOSE_SECONDS,
     RENDER_RETRIES,
     GENERATOR_RESTARTS,
+    AUTOSCALER_BACKLOG,
+    AUTOSCALER_WANTED,
+    AUTOSCALER_FLOOR,
+    AUTOSCALER_EVENT_ACTIVE,
+    GENERATOR_PENDING_SHOTS,
     INGRESS_REFUSED,
     INGRESS_VIDEOS,
     INGRESS_ERRORS,

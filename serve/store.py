@@ -33,11 +33,16 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict
 
+from .config import SalesEvent
+
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 VideoVariant = Literal["video", "thumbnail"]
 ListOrder = Literal["asc", "desc"]
 ProductionKind = Literal["job", "stream", "sync"]
 AdmissionKind = Literal["job", "stream"]
+# A queued job's class: ``bulk`` (catalog pre-generation) is claimed after every ``normal`` job and is
+# refused first when the queue fills (``JobSettings.bulk_share``).
+JobPriority = Literal["normal", "bulk"]
 
 VIDEO_ID_PATTERN = r"video_[0-9a-f]{32}"
 MAX_LIST_LIMIT = 100
@@ -85,6 +90,7 @@ class JobRecord(BaseModel):
     timings: dict[str, float | None] | None = Field(default=None, description="seconds per stage")
     kind: ProductionKind = Field(default="job", description="how it was asked for: queued job, stream, sync")
     attempts: int = Field(default=0, ge=0, description="productions started (a lost worker's job is retried)")
+    priority: JobPriority = Field(default="normal", description="bulk: claimed after normal jobs")
 
 
 _COLUMNS = tuple(JobRecord.model_fields)
@@ -126,7 +132,15 @@ _SCHEMA_V2 = """
         expires_at DOUBLE PRECISION NOT NULL
     )
 """
-SCHEMA_VERSION = 2
+_SCHEMA_V3 = """
+    ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'
+        CHECK (priority IN ('normal', 'bulk'));
+    CREATE TABLE sales_events (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL
+    )
+"""
+SCHEMA_VERSION = 3
 
 
 class AdmissionRefused(Exception):
@@ -195,6 +209,8 @@ class JobStore(abc.ABC):
             self._apply(conn, _SCHEMA_V1.format(seq_type=seq_type, seq_suffix=seq_suffix))
         if version < 2:
             self._apply(conn, _SCHEMA_V2)
+        if version < 3:
+            self._apply(conn, _SCHEMA_V3)
 
     # -- records --------------------------------------------------------------------------------
 
@@ -305,6 +321,27 @@ class JobStore(abc.ABC):
         counts.update({f"admitted_{row['kind']}": int(row["n"]) for row in held})
         return counts
 
+    # -- the sales-event calendar (events added at run time; the config's own are not stored) ------
+
+    def put_event(self, event: SalesEvent) -> None:
+        """Add an event, or replace the one of the same name."""
+        with self._transaction() as conn:
+            self._run(
+                conn,
+                "INSERT INTO sales_events (name, spec) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                (event.name, event.model_dump_json()),
+            )
+
+    def delete_event(self, name: str) -> bool:
+        with self._transaction() as conn:
+            return bool(self._run(conn, "DELETE FROM sales_events WHERE name = ?", (name,)).rowcount > 0)
+
+    def events(self) -> builtins.list[SalesEvent]:
+        with self._transaction() as conn:
+            rows = self._run(conn, "SELECT spec FROM sales_events ORDER BY name").fetchall()
+        return [SalesEvent.model_validate_json(row["spec"]) for row in rows]
+
     # -- admission ------------------------------------------------------------------------------
 
     def admit(self, video_id: str, kind: AdmissionKind, limit: int, hold_s: float) -> None:
@@ -329,6 +366,20 @@ class JobStore(abc.ABC):
                 "INSERT INTO admissions (id, kind, expires_at) VALUES (?, ?, {now} + ?)",
                 (video_id, kind, hold_s),
             )
+
+    def drain_rate(self, kind: AdmissionKind, window_s: float) -> float:
+        """Videos holding ``kind`` slots that completed per second over the last ``window_s``, cluster-wide:
+        how fast a full limit frees up (``job``: queued jobs; ``stream``: streaming and sync videos)."""
+        kinds = ("job",) if kind == "job" else ("stream", "sync")
+        placeholders = ", ".join("?" for _ in kinds)
+        with self._transaction() as conn:
+            row = self._run(
+                conn,
+                f"SELECT COUNT(*) AS n FROM jobs WHERE status = 'completed' AND kind IN ({placeholders})"
+                " AND completed_at >= {now} - ?",
+                (*kinds, window_s),
+            ).fetchone()
+        return int(row["n"]) / window_s
 
     def release(self, video_id: str) -> None:
         """Give an admission slot back (idempotent)."""
@@ -358,6 +409,8 @@ class JobStore(abc.ABC):
     def claim(self, owner: str, *, lease_s: float, max_running: int, max_attempts: int) -> Claim | None:
         """Take the oldest job waiting for a worker: queued, or in progress under a lapsed lease.
 
+        Normal jobs go before bulk ones, whenever either was queued.
+
         At most ``max_running`` jobs (kind ``job``) run under live leases in the whole cluster. A job
         already started ``max_attempts`` times is failed with the reason instead of run again.
         """
@@ -374,7 +427,8 @@ class JobStore(abc.ABC):
                     conn,
                     "SELECT * FROM jobs WHERE status = 'queued'"
                     " OR (status = 'in_progress' AND (lease_expires_at IS NULL OR lease_expires_at <= {now}))"
-                    f" ORDER BY created_at, seq LIMIT 1{self.skip_locked}",
+                    # Normal before bulk (false sorts first), then oldest first.
+                    f" ORDER BY (priority = 'bulk'), created_at, seq LIMIT 1{self.skip_locked}",
                 ).fetchone()
                 if row is None:
                     return None

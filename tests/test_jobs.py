@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from storyboards import make_storyboard
@@ -261,3 +262,70 @@ def test_a_refusal_is_remembered_briefly_and_never_turns_into_a_grant(tmp_path):
     assert [(e.status_code, e.code) for e in errors] == [(503, "queue_full")] * 3
     assert all("1 videos are streaming" in e.message for e in errors)
     assert service.jobs.counts().get("admitted_stream") == 1
+
+
+def test_retry_after_is_the_wait_the_recent_drain_rate_predicts(tmp_path):
+    service = _service(tmp_path, FakeCompositor(), max_streams=2, drain_window_s=300, retry_after_s=7)
+    job = JobRequest(brief=BRIEF)
+
+    async def refusal() -> APIError:
+        for _ in range(3):
+            try:
+                await service.accept(job, prompt=None, model="shopreel-tiny", kind="sync")
+            except APIError as exc:
+                return exc
+        raise AssertionError("admitted past max_streams")
+
+    first = asyncio.run(refusal())  # nothing finished yet: the configured fallback
+    assert first.headers["Retry-After"] == "7"
+    # 10 streamed videos completed in the last 5 minutes (one per 30 s); other kinds do not count.
+    now = int(time.time())
+    for kind in ("stream",) * 10 + ("job",) * 20:
+        done = JobRecord(model="m", seconds="2", size="64x64", request="{}", kind=kind)
+        service.jobs.create(done.model_copy(update={"status": "completed", "completed_at": now - 60}))
+    service._full.clear()  # forget the remembered refusal: ask the store again
+    second = asyncio.run(refusal())
+    # 2 slots held, limit 2: one must finish before this request fits, in about 30 s.
+    assert second.headers["Retry-After"] == "30" and second.headers["retry-after-ms"] == "30000"
+
+
+def test_lower_classes_are_refused_first_as_their_slots_fill(tmp_path):
+    service = _service(
+        tmp_path, FakeCompositor(), max_pending=4, bulk_share=0.5, max_streams=3, interactive_reserve=1
+    )
+    job = JobRequest(brief=BRIEF)
+
+    async def outcome(kind: str, priority: str = "normal") -> int:
+        try:
+            await service.accept(job, prompt=None, model="m", kind=kind, priority=priority)  # type: ignore[arg-type]
+        except APIError as exc:
+            return exc.status_code
+        return 200
+
+    async def scenario() -> list[int]:
+        # No workers run (start() is never awaited on a loop that keeps them), so jobs stay queued.
+        jobs = [await outcome("job", "bulk"), await outcome("job", "bulk"), await outcome("job", "bulk")]
+        jobs += [await outcome("job"), await outcome("job"), await outcome("job")]
+        streams = [
+            await outcome("sync"),
+            await outcome("sync"),
+            await outcome("stream"),
+            await outcome("stream"),
+        ]
+        return jobs + streams
+
+    service.start = lambda: None  # type: ignore[method-assign]
+    service.job_waiting = asyncio.Event()
+    # bulk: 2 of 4 pending slots; normal: all 4. sync: 2 of 3 stream slots; streams: all 3.
+    assert asyncio.run(scenario()) == [200, 200, 429, 200, 200, 429, 200, 200, 200, 503]
+    claims = [service.jobs.claim("w", lease_s=30, max_running=9, max_attempts=3) for _ in range(4)]
+    assert [claim.record.priority for claim in claims if claim] == ["normal", "normal", "bulk", "bulk"]
+
+
+def test_bulk_is_for_jobs_only(tmp_path):
+    service = _service(tmp_path, FakeCompositor())
+    with pytest.raises(APIError, match="bulk") as caught:
+        asyncio.run(
+            service.accept(JobRequest(brief=BRIEF), prompt=None, model="m", kind="stream", priority="bulk")
+        )
+    assert caught.value.status_code == 400

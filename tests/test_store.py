@@ -297,6 +297,14 @@ def test_claims_are_exclusive_and_capacity_is_cluster_wide(store_url):
         store.close()
 
 
+def test_normal_jobs_are_claimed_before_bulk_ones_whenever_queued(jobs):
+    bulk = [jobs.enqueue(_record(created_at=index, priority="bulk")) for index in range(2)]
+    normal = [jobs.enqueue(_record(created_at=10 + index)) for index in range(2)]
+    order = [jobs.claim("w", lease_s=30, max_running=10, max_attempts=3) for _ in range(4)]
+    assert [claim.record.id for claim in order] == [r.id for r in normal + bulk]
+    assert jobs.get(bulk[0].id).priority == "bulk"
+
+
 def test_lease_renewal_ownership_and_bounded_attempts(jobs):
     record = jobs.enqueue(_record())
     claim = jobs.claim("a", lease_s=0.3, max_running=1, max_attempts=2)
@@ -343,6 +351,27 @@ def test_store_urls():
 
 
 # --- VideoStore ------------------------------------------------------------------------------------
+
+
+def test_sales_events_are_added_replaced_listed_and_deleted(jobs):
+    from datetime import datetime, timezone
+
+    from shopreel.serve.config import SalesEvent
+
+    start = datetime(2026, 11, 11, tzinfo=timezone.utc)
+    singles_day = SalesEvent(name="11.11", start=start, end=start.replace(day=12), peak_multiplier=10)
+    jobs.put_event(singles_day)
+    jobs.put_event(
+        SalesEvent(name="618", start=start.replace(month=6, day=18), end=start.replace(month=6, day=19))
+    )
+    jobs.put_event(singles_day.model_copy(update={"peak_multiplier": 20.0}))  # the same name: replaced
+    assert [(event.name, event.peak_multiplier) for event in jobs.events()] == [
+        ("11.11", 20.0),
+        ("618", 10.0),
+    ]
+    assert jobs.events()[0].start == start  # the instant survives the round trip
+    assert jobs.delete_event("618") and not jobs.delete_event("618")
+    assert [event.name for event in jobs.events()] == ["11.11"]
 
 
 @pytest.fixture
