@@ -89,17 +89,24 @@ class LatentGenerator:
         guidance_scale: float | None = None,
         on_step: StepCallback | None = None,
         start_shot: int = 0,
+        end_shot: int | None = None,
     ) -> Iterator[LatentChunk]:
-        """Shots from ``start_shot`` on, in order; chunks of one shot leave as soon as it is denoised.
+        """Shots ``start_shot`` to ``end_shot`` (exclusive; None: the last), in order; chunks of one
+        shot leave as soon as it is denoised.
 
-        ``start_shot`` resumes a video whose earlier shots were already generated (a serving replica
-        died mid-stream): shots are seeded one by one, so the shots generated here equal those of a
-        run from shot 0, with the same indices and ``is_last_shot``.
+        A range other than the whole storyboard resumes a video whose earlier shots were already
+        generated (a serving replica died mid-stream), or makes one shot of a video whose shots are
+        denoised in parallel: shots are seeded one by one, so the shots generated here equal those of
+        a run from shot 0, with the same indices and ``is_last_shot``.
         """
         self.check_inputs(storyboard, num_inference_steps)
-        if not 0 <= start_shot < len(storyboard.shots):
-            raise ValueError(f"start_shot must be in 0..{len(storyboard.shots) - 1}, got {start_shot}")
-        for shot in storyboard.shots[start_shot:]:
+        count = len(storyboard.shots)
+        end_shot = count if end_shot is None else end_shot
+        if not 0 <= start_shot < end_shot <= count:
+            raise ValueError(
+                f"need 0 <= start_shot < end_shot <= {count}, got start_shot {start_shot}, end_shot {end_shot}"
+            )
+        for shot in storyboard.shots[start_shot:end_shot]:
             yield from self.generate_shot(
                 storyboard,
                 shot,

@@ -138,11 +138,13 @@ class LocalLatentSource:
         *,
         prepare: Callable[[LatentChunk], LatentChunk] | None = None,
         start_shot: int = 0,
+        end_shot: int | None = None,
     ) -> None:
         self.generator = generator
         self.executor = executor
         self.prepare = prepare
         self.start_shot = start_shot
+        self.end_shot = end_shot
 
     async def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
         loop = asyncio.get_running_loop()
@@ -164,6 +166,7 @@ class LocalLatentSource:
                     guidance_scale=order.guidance_scale,
                     on_step=on_step,
                     start_shot=self.start_shot,
+                    end_shot=self.end_shot,
                 )
                 for chunk in chunks:
                     chunk.timings["denoised_at"] = time.time()

@@ -30,6 +30,12 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } >/dev/null 2>&1 \
     || echo "setup: could not install PostgreSQL; its tests will skip" >&2
 fi
+# promtool checks deploy/prometheus's rules and config (Debian package prometheus); same rule.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing promtool (apt-get install prometheus) for the monitoring-config tests" >&2
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
+    >/dev/null 2>&1 || echo "setup: could not install promtool; its tests will skip" >&2
+fi
 
 # 3. Skip the install when pyproject.toml and the torch choice are what we installed last time.
 stamp="$venv/.shopreel-installed"

@@ -276,6 +276,13 @@ class ServeConfig(_Config):
     render_in_flight: int = Field(
         default=2, ge=1, le=32, description="latent chunks of one video being decoded at once (across shots)"
     )
+    shot_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="shots of one video denoised at once, one generator call each (spread over generator "
+        "replicas); 1: shots in turn on one call",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

@@ -145,10 +145,12 @@ class GeneratorDeployment:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         start_shot: int = 0,
+        end_shot: int | None = None,
     ) -> AsyncIterator[LatentChunk | DenoiseStep]:
         """Denoise in a worker thread; hand its chunks and steps to the caller as they happen.
 
-        ``start_shot`` > 0 resumes a video whose earlier shots another (lost) replica already sent.
+        ``start_shot`` > 0 resumes a video whose earlier shots another (lost) replica already sent;
+        ``end_shot`` stops before that shot (one shot of a video denoised shot-parallel).
         """
         order = ProductionOrder(
             request_id=request_id,
@@ -157,9 +159,10 @@ class GeneratorDeployment:
             guidance_scale=guidance_scale,
         )
         source = LocalLatentSource(
-            self.generator, self.executor, prepare=self._to_numpy, start_shot=start_shot
+            self.generator, self.executor, prepare=self._to_numpy, start_shot=start_shot, end_shot=end_shot
         )
-        pending = len(storyboard.shots) - start_shot  # this stream's share of the autoscaling backlog
+        # This stream's share of the autoscaling backlog.
+        pending = (len(storyboard.shots) if end_shot is None else end_shot) - start_shot
         self._pending_shots(pending)
         self.stage_metrics.add(sm.GENERATE_ACTIVE, 1)
         try:
@@ -324,7 +327,7 @@ class CompositorDeployment:
         """Drive one video; the finished one carries its files' bytes (they are on this node only)."""
         workdir = Path(tempfile.mkdtemp(prefix="shopreel-compose-"))
         mp4_path, thumbnail_path = workdir / "video.mp4", workdir / "thumbnail.jpg"
-        source = RemoteLatentSource(self.generator, self.retry)
+        source = RemoteLatentSource(self.generator, self.retry, self.config.shot_parallel)
         renderer = RemoteFrameRenderer(
             self.renderer, self.retry, order.request_id, self.config.render_in_flight
         )

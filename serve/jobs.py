@@ -152,6 +152,7 @@ class JobService:
         self.jobs = jobs
         self.videos = videos
         self.metrics = metrics
+        metrics.limits(config.jobs.max_pending, config.jobs.max_streams)
         # This replica's name on the leases it holds; a restarted replica is a new owner.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.job_waiting: asyncio.Event | None = None

@@ -95,6 +95,11 @@ class ServingMetrics:
         self.frames_rendered.inc(frames)
         self.cluster.inc(sm.INGRESS_FRAMES, frames)
 
+    def limits(self, max_pending: int, max_streams: int) -> None:
+        """The admission limits, next to the levels, so saturation is a ratio a rule can alert on."""
+        self.cluster.set(sm.PENDING_LIMIT, max_pending)
+        self.cluster.set(sm.STREAMS_LIMIT, max_streams)
+
     def store_counts(self, counts: Mapping[str, int]) -> None:
         """The shared job store's levels (every ingress replica reports the same numbers)."""
         self.queue_depth.set(counts["queued"])

@@ -145,23 +145,24 @@ class _Failures:
 
 
 class ChunkLedger:
-    """Which latent chunks of one video arrived, so a re-issued generator stream resumes cleanly.
+    """Which latent chunks of a stream of shots arrived, so a re-issued generator stream resumes cleanly.
 
-    The generator emits shots in order and a shot's chunks in order, so what arrived is a prefix: all
-    chunks of shots before ``resume_shot`` and the first few chunks of that shot. A stream re-issued
-    from ``resume_shot`` sends those few again; ``accept`` tells them apart from new ones.
+    The generator emits shots ``first_shot`` to ``end_shot`` in order and a shot's chunks in order, so
+    what arrived is a prefix: all chunks of shots before ``resume_shot`` and the first few chunks of
+    that shot. A stream re-issued from ``resume_shot`` sends those few again; ``accept`` tells them
+    apart from new ones.
     """
 
-    def __init__(self, num_shots: int) -> None:
-        if num_shots < 1:
-            raise ValueError(f"num_shots must be >= 1, got {num_shots}")
-        self.num_shots = num_shots
-        self.resume_shot = 0  # the first shot not fully received
+    def __init__(self, end_shot: int, first_shot: int = 0) -> None:
+        if not 0 <= first_shot < end_shot:
+            raise ValueError(f"need 0 <= first_shot < end_shot (num_shots), got {first_shot}, {end_shot}")
+        self.end_shot = end_shot
+        self.resume_shot = first_shot  # the first shot not fully received
         self._chunks_of_resume_shot = 0
 
     @property
     def complete(self) -> bool:
-        return self.resume_shot == self.num_shots
+        return self.resume_shot == self.end_shot
 
     def accept(self, chunk: LatentChunk) -> bool:
         """True for a chunk not seen yet; False for one an earlier stream already delivered."""
@@ -193,16 +194,70 @@ class NeedHistory:
 
 
 class RemoteLatentSource:
-    """The generator deployment as one video's ``LatentSource``; a lost stream is re-issued."""
+    """The generator deployment as one video's ``LatentSource``; a lost stream is re-issued.
 
-    def __init__(self, generator: DeploymentHandle, policy: RetryPolicy) -> None:
+    ``shot_parallel`` > 1 fans the shots out: one generator call per shot, that many at once, started
+    in storyboard order (the first shot first, for the time to the first fragment), so several
+    generator replicas denoise one video. Chunks still leave in storyboard order (a later shot that
+    finishes first waits); denoising steps pass at once.
+    """
+
+    def __init__(self, generator: DeploymentHandle, policy: RetryPolicy, shot_parallel: int = 1) -> None:
+        if shot_parallel < 1:
+            raise ValueError(f"shot_parallel must be >= 1, got {shot_parallel}")
         self.generator = generator
         self.policy = policy
+        self.shot_parallel = shot_parallel
         self.restarts = 0
 
-    async def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
+    def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
+        shots = len(order.storyboard.shots)
+        if self.shot_parallel == 1 or shots == 1:
+            return self._shots(order, 0, shots)
+        return self._fanned_out(order)
+
+    async def _fanned_out(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
+        shots = len(order.storyboard.shots)
+        arrived: asyncio.Queue[tuple[int, LatentChunk | DenoiseStep | BaseException]] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.shot_parallel)
+
+        async def one_shot(shot: int) -> None:
+            try:
+                async with slots:
+                    async for item in self._shots(order, shot, shot + 1):
+                        await arrived.put((shot, item))
+            except Exception as exc:  # noqa: BLE001 - raised by the consuming loop below
+                await arrived.put((shot, exc))
+
+        # Tasks are created in shot order and take the slots in that order: shot 0 starts first.
+        tasks = [asyncio.create_task(one_shot(shot)) for shot in range(shots)]
+        held: dict[int, list[LatentChunk]] = {shot: [] for shot in range(shots)}
+        next_shot = 0
+        try:
+            while next_shot < shots:
+                shot, item = await arrived.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, DenoiseStep):
+                    yield item
+                    continue
+                held[shot].append(item)
+                while next_shot < shots and held[next_shot]:
+                    chunk = held[next_shot].pop(0)
+                    yield chunk
+                    if chunk.is_last:
+                        next_shot += 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shots(
+        self, order: ProductionOrder, first_shot: int, end_shot: int
+    ) -> AsyncIterator[LatentChunk | DenoiseStep]:
+        """Shots ``first_shot`` to ``end_shot`` from one generator call, re-issued if its replica dies."""
         request_id = order.request_id
-        ledger = ChunkLedger(len(order.storyboard.shots))
+        ledger = ChunkLedger(end_shot, first_shot)
         failures = _Failures("generator", self.policy, request_id)
         # Latents of the chunks received of the shot in progress: what a re-issued stream sends again.
         partial_shot: list[np.ndarray] = []
@@ -213,6 +268,7 @@ class RemoteLatentSource:
                 order.num_inference_steps,
                 order.guidance_scale,
                 start_shot=ledger.resume_shot,
+                end_shot=end_shot,
             )
             try:
                 async for item in stream:

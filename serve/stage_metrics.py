@@ -144,6 +144,12 @@ INGRESS_FRAMES = Series("shopreel_ingress_frames", "counter", "Frames of complet
 # --- ingress: the shared job store (every ingress replica reports the same numbers) -------------
 JOBS_QUEUED = Series("shopreel_jobs_queued", "gauge", "Jobs in the job store waiting for a worker")
 JOBS_IN_PROGRESS = Series("shopreel_jobs_in_progress", "gauge", "Jobs in the job store being produced")
+PENDING_LIMIT = Series(
+    "shopreel_jobs_pending_limit", "gauge", "max_pending: the pending jobs admission allows"
+)
+STREAMS_LIMIT = Series(
+    "shopreel_streams_limit", "gauge", "max_streams: the streaming/sync productions allowed"
+)
 STREAMS_ADMITTED = Series(
     "shopreel_streams_admitted", "gauge", "Streaming/sync productions holding an admission slot"
 )
@@ -175,6 +181,8 @@ ALL_SERIES = (
     INGRESS_FRAMES,
     JOBS_QUEUED,
     JOBS_IN_PROGRESS,
+    PENDING_LIMIT,
+    STREAMS_LIMIT,
     STREAMS_ADMITTED,
 )
 

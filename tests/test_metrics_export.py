@@ -8,6 +8,7 @@ export port and scrapes it the way Prometheus would.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import time
@@ -83,6 +84,89 @@ def test_scrape_configs_parse_and_point_at_the_metrics_ports():
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {port["name"]: port["containerPort"] for port in head["ports"]}
     assert ports["metrics"] == 8080 and ports["serve"] == 8000
+
+
+# --- alert rules and dashboard ---------------------------------------------------------------------
+
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "shopreel.json"
+# Ray Serve's own series that the rules and the dashboard use.
+RAY_SERVE_SERIES = {"ray_serve_deployment_replica_healthy", "ray_serve_deployment_replica_starts_total"}
+# Counters Ray cannot show before their first increment: absent from a healthy cluster's scrape.
+EVENT_ONLY = {
+    "ray_shopreel_ingress_refused_total",
+    "ray_shopreel_ingress_errors_total",
+    "ray_shopreel_compositor_render_retries_total",
+    "ray_shopreel_compositor_generator_restarts_total",
+    "ray_shopreel_renderer_history_rebuilds_total",
+}
+
+
+def _monitoring_queries() -> dict[str, str]:
+    """Every PromQL expression of the alert rules and the dashboard, by where it is."""
+    import yaml
+
+    queries = {}
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            queries[f"rule {rule.get('alert') or rule.get('record')}"] = rule["expr"]
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel["targets"]:
+            queries[f"panel {panel['title']!r} {target['refId']}"] = target["expr"]
+    return queries
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bray_[a-z0-9_]+", expr))
+
+
+def test_every_series_a_rule_or_panel_names_is_one_the_cluster_exports():
+    ours = {series.prometheus_name for series in sm.ALL_SERIES}
+    known = RAY_SERVE_SERIES | {
+        name + suffix
+        for series in sm.ALL_SERIES
+        if series.kind == "histogram"
+        for name in [series.prometheus_name]
+        for suffix in ("_bucket", "_count", "_sum")
+    }
+    for where, expr in _monitoring_queries().items():
+        unknown = _metric_names(expr) - ours - known
+        assert not unknown, f"{where} names {sorted(unknown)}, which nothing exports"
+
+
+def _promtool() -> str:
+    import shutil
+
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip(
+            "promtool not installed (Debian package prometheus; scripts/setup.sh installs it as root)"
+        )
+    return path
+
+
+def test_rules_config_and_dashboard_queries_pass_promtool(tmp_path):
+    import subprocess
+
+    import yaml
+
+    promtool = _promtool()
+    for args in (["check", "rules", str(ALERTS)], ["check", "config", str(ALERTS.parent / "prometheus.yml")]):
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    # promtool parses PromQL only in rule files: each panel query becomes a recording rule there.
+    panels = [
+        {"record": f"shopreel:panel_{index}", "expr": expr}
+        for index, expr in enumerate(
+            expr for where, expr in _monitoring_queries().items() if where.startswith("panel")
+        )
+    ]
+    rules = tmp_path / "panels.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": panels}]}))
+    done = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and f"{len(panels)} rules found" in done.stdout, done.stdout + done.stderr
 
 
 # --- recording rules -----------------------------------------------------------------------------
@@ -314,6 +398,8 @@ def test_every_stage_replica_exports_through_rays_metrics_port(tmp_path):
             "jobs.data_dir": str(tmp_path / "serve-data"),
             "jobs.concurrency": 1,
             "pipeline.generate.num_inference_steps": 2,
+            # Autoscaled (never past 1 here), so the controller exports the policy's series too.
+            "generator.autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 600},
         },
     )
     port, metrics_port = _free_ports(2)
@@ -335,12 +421,17 @@ def test_every_stage_replica_exports_through_rays_metrics_port(tmp_path):
             while time.monotonic() < deadline:
                 text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
                 samples = _samples(text)
-                if all(samples.get(key, 0) > 0 for key in MOVED) and samples.keys() >= PRESENT:
+                scraped = set(re.findall(r"^([a-z_:][a-z0-9_:]*)[{ ]", text, flags=re.MULTILINE))
+                monitored = set().union(*map(_metric_names, _monitoring_queries().values())) - EVENT_ONLY
+                ready = all(samples.get(key, 0) > 0 for key in MOVED) and samples.keys() >= PRESENT
+                if ready and monitored <= scraped:
                     break
                 time.sleep(2)
         missing = sorted(key for key in MOVED if samples.get(key, 0) <= 0)
         assert not missing, f"not exported (or zero): {missing}"
         assert samples.keys() >= PRESENT, sorted(PRESENT - samples.keys())
+        # What the alert rules and the dashboard query is in a live scrape (event-only counters aside).
+        assert monitored <= scraped, sorted(monitored - scraped)
         # Exactly one video went through the compositor (warm-up bypasses it); each shot once.
         assert samples[("ray_shopreel_compositor_compose_seconds_count", "compositor")] == 1
         shots = samples[("ray_shopreel_generator_shots_denoised_total", "generator")]
