@@ -104,7 +104,8 @@ class LatentGenerator:
         end_shot = count if end_shot is None else end_shot
         if not 0 <= start_shot < end_shot <= count:
             raise ValueError(
-                f"need 0 <= start_shot < end_shot <= {count}, got start_shot {start_shot}, end_shot {end_shot}"
+                f"need 0 <= start_shot < end_shot <= {count}, got start_shot {start_shot}, "
+                f"end_shot {end_shot}"
             )
         for shot in storyboard.shots[start_shot:end_shot]:
             yield from self.generate_shot(

@@ -97,8 +97,9 @@ def test_generate_from_a_start_shot_equals_the_tail_of_a_full_run(tiny_model):
 # --- the compositor with stages whose replicas die -------------------------------------------------
 
 
-def _config() -> ServeConfig:
+def _config(**fields: Any) -> ServeConfig:
     return ServeConfig(
+        **fields,
         warmup=False,
         pipeline=PipelineConfig(
             model=ModelConfig(preset="tiny", device="cpu"), render=RenderConfig(backend="torch")
@@ -144,15 +145,17 @@ class FakeGenerator:
         self.replica = replica
         self.die_after = list(die_after)
         self.start_shots: list[int] = []
+        self.ranges: list[tuple[int, int | None]] = []  # (start_shot, end_shot) of each call
         self.generate = _Remote(self._generate)
 
     def options(self, **_: Any) -> FakeGenerator:
         return self
 
-    def _generate(self, *args: Any, start_shot: int = 0) -> _Stream:
+    def _generate(self, *args: Any, start_shot: int = 0, end_shot: int | None = None) -> _Stream:
         self.start_shots.append(start_shot)
+        self.ranges.append((start_shot, end_shot))
         die = self.die_after.pop(0) if self.die_after else None
-        return _Stream(self.replica.generate(*args, start_shot=start_shot), die)
+        return _Stream(self.replica.generate(*args, start_shot=start_shot, end_shot=end_shot), die)
 
 
 class FakeRenderer:
@@ -193,8 +196,10 @@ def generator_replica():
 STORYBOARD = make_storyboard(shot_frames=(13, 13, 9), crossfade=2)  # chunks per shot: 2, 2, 2
 
 
-def _produce(generator: Any, renderer: Any, retry: RetryPolicy = NO_WAIT) -> Produced:
-    compositor = CompositorDeployment.func_or_class(_config(), generator, renderer, retry)
+def _produce(generator: Any, renderer: Any, retry: RetryPolicy = NO_WAIT, shot_parallel: int = 1) -> Produced:
+    compositor = CompositorDeployment.func_or_class(
+        _config(shot_parallel=shot_parallel), generator, renderer, retry
+    )
     order = ProductionOrder(request_id="video_r", storyboard=STORYBOARD, audio="none", num_inference_steps=2)
 
     async def run() -> Produced:
@@ -259,3 +264,13 @@ def test_a_stage_error_that_is_not_a_lost_replica_is_not_retried(generator_repli
     with pytest.raises(ValueError, match="bad chunk"):
         _produce(FakeGenerator(generator_replica, []), renderer)
     assert len(renderer.calls) <= 2  # the chunks in flight when the first error arrived, none retried
+
+
+def test_shot_parallel_gives_the_same_frames_one_call_per_shot_first_shot_first(generator_replica, reference):
+    generator = FakeGenerator(generator_replica, [None, 0, None])  # shot 1's first call dies at once
+    produced = _produce(generator, FakeRenderer(_config(), set()), shot_parallel=2)
+    np.testing.assert_array_equal(_frames(produced.mp4), reference)
+    # One call per shot, started in storyboard order; shot 1 re-issued alone after its replica died.
+    assert generator.ranges[:2] == [(0, 1), (1, 2)]
+    assert sorted(generator.ranges) == [(0, 1), (1, 2), (1, 2), (2, 3)]
+    assert produced.timings.generate_restarts == 1
