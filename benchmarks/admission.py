@@ -24,11 +24,12 @@ import importlib.util
 import json
 import os
 import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .common import free_port, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,19 +46,6 @@ BRIEF = {
 MAX_STREAMS = 4
 MAX_PENDING = 8
 PROBES = 30  # single requests sent one after another while a limit is full
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -85,13 +73,13 @@ def _reject_figures(refused: list[dict[str, Any]], probes: list[dict[str, Any]])
     inside = [r["ingress_s"] for r in refused + [p for p in probes if p["status"] != 200]]
     inside = [value for value in inside if value is not None]
     return {
-        "reject_p50_s": _percentile(latencies, 0.5),
-        "reject_p99_s": _percentile(latencies, 0.99),
+        "reject_p50_s": percentile(latencies, 0.5),
+        "reject_p99_s": percentile(latencies, 0.99),
         "probes_refused": len(probe_latencies),
-        "probe_reject_p50_s": _percentile(probe_latencies, 0.5),
-        "probe_reject_p99_s": _percentile(probe_latencies, 0.99),
-        "ingress_reject_p50_s": _percentile(inside, 0.5),
-        "ingress_reject_p99_s": _percentile(inside, 0.99),
+        "probe_reject_p50_s": percentile(probe_latencies, 0.5),
+        "probe_reject_p99_s": percentile(probe_latencies, 0.99),
+        "ingress_reject_p50_s": percentile(inside, 0.5),
+        "ingress_reject_p99_s": percentile(inside, 0.99),
     }
 
 
@@ -161,8 +149,8 @@ async def _stream_burst(url: str, count: int) -> dict[str, Any]:
         "requests": count,
         "limit": MAX_STREAMS,
         **_reject_figures(refused, probes),
-        "healthz_burst_p50_s": _percentile(floor, 0.5),
-        "healthz_burst_p99_s": _percentile(floor, 0.99),
+        "healthz_burst_p50_s": percentile(floor, 0.5),
+        "healthz_burst_p99_s": percentile(floor, 0.99),
         "admitted": len(admitted),
         "max_in_flight": _max_overlap([r["interval"] for r in admitted]),
         "refused": len(refused),
@@ -233,7 +221,7 @@ def run_setup(
             "ingress.num_replicas": ingress_replicas,
             "pipeline.generate.num_inference_steps": 2,
         }
-        server = start(load_config(None, **overrides), port=_free_port(), ready_timeout_s=600)
+        server = start(load_config(None, **overrides), port=free_port(), ready_timeout_s=600)
         try:
             stream_row = asyncio.run(_stream_burst(server.url, streams))
             job_row = asyncio.run(_job_burst(server.url, jobs))

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .common import free_port, percentile
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BRIEF: dict[str, Any] = {
     "title": "Thermo Mug",
@@ -45,13 +47,6 @@ BRIEF: dict[str, Any] = {
 PROMPT = "A steel thermo mug on a kitchen table. Keeps coffee hot for 6 hours. Leak-proof lid."
 STAGES = ("understand", "generate", "render", "compose", "total")
 DRAIN_TIMEOUT_S = 300.0  # after arrivals stop, how long admitted requests may take to finish
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
 async def _one_stream(client: Any, index: int) -> dict[str, Any]:
@@ -172,14 +167,14 @@ async def run_level(
         "timed_out": sum(1 for r in admitted if r.get("timed_out")),
         "refused": len(refused),
         "other_errors": sum(1 for r in results if r["status"] not in (200, 429, 503)),
-        "refused_p99_s": _percentile([r["latency_s"] for r in refused], 0.99),
+        "refused_p99_s": percentile([r["latency_s"] for r in refused], 0.99),
         "videos_per_min": round(len(completed) / wall_s * 60, 2),
-        "first_fragment_p50_s": _percentile(firsts, 0.5),
-        "first_fragment_p95_s": _percentile(firsts, 0.95),
-        "first_fragment_p99_s": _percentile(firsts, 0.99),
-        "latency_p50_s": _percentile(latencies, 0.5),
-        "latency_p95_s": _percentile(latencies, 0.95),
-        "latency_p99_s": _percentile(latencies, 0.99),
+        "first_fragment_p50_s": percentile(firsts, 0.5),
+        "first_fragment_p95_s": percentile(firsts, 0.95),
+        "first_fragment_p99_s": percentile(firsts, 0.99),
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p95_s": percentile(latencies, 0.95),
+        "latency_p99_s": percentile(latencies, 0.99),
         "stage_mean_s": stages,
     }
 
@@ -191,10 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if url is None:
         from shopreel.serve.runner import load_config, start
 
-        from .serving import _free_port
-
         overrides = {"jobs.data_dir": tmp.name, "jobs.max_streams": args.max_streams, "jobs.concurrency": 2}
-        server = start(load_config(None, **overrides), port=_free_port(), ready_timeout_s=600)
+        server = start(load_config(None, **overrides), port=free_port(), ready_timeout_s=600)
         url = server.url
     try:
         levels = [("closed", float(c)) for c in args.concurrency] + [("open", rate) for rate in args.rates]

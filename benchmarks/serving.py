@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .common import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BRIEF: dict[str, Any] = {
@@ -38,12 +39,6 @@ BRIEF: dict[str, Any] = {
     "fps": 16,
     "seed": 7,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stream_once(client: Any, brief: dict[str, Any]) -> tuple[float, float, int]:
@@ -112,7 +107,7 @@ def run(repeats: int, videos: int, levels: list[int]) -> dict[str, Any]:
     pipeline = ProductVideoPipeline()
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, **{"jobs.data_dir": tmp, "jobs.max_streams": max(levels) + 1})
-        server = start(config, port=_free_port(), ready_timeout_s=600)
+        server = start(config, port=free_port(), ready_timeout_s=600)
         try:
             rows: list[dict[str, float]] = []
             with httpx.Client(base_url=server.url, timeout=900) as client:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .serving import BRIEF, _free_port, stream_once
+from .common import free_port
+from .serving import BRIEF, stream_once
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = (1, 2)
@@ -42,7 +43,7 @@ def run_mode(shot_parallel: int, sizes: list[str], repeats: int) -> list[dict[st
             "generator.num_replicas": 2,
             "generator.num_cpus": 0.25,  # two replicas fit next to the other stages on 2 cores
         }
-        server = start(load_config(None, **overrides), port=_free_port(), ready_timeout_s=600)
+        server = start(load_config(None, **overrides), port=free_port(), ready_timeout_s=600)
         try:
             with httpx.Client(base_url=server.url, timeout=900) as client:
                 for size in sizes:

@@ -45,6 +45,18 @@ class GenerateConfig(_Config):
     chunk_latent_frames: int = Field(
         default=2, ge=1, le=41, description="latent frames per LatentChunk handed to the renderer"
     )
+    batch_max_shots: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="shots of the same shape from concurrent videos denoised in one batch; 1: no batching",
+    )
+    batch_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="how long a shot waits for batch partners, only while other videos are denoising",
+    )
 
 
 class RenderConfig(_Config):

@@ -4,14 +4,22 @@ Each shot is one ``WanPipeline`` call with ``output_type="latent"``: the denoise
 DiT) needs every latent frame of the shot at every step, so a shot's latents exist only once its
 denoising loop ends. They leave at once, split along time into ``chunk_latent_frames`` pieces, so
 the causal renderer can decode piece 0 while the next shot is still denoising.
+
+Batching (``batch_max_shots`` > 1). Shots of the same shape, step count and guidance from videos
+denoising at the same time go through one pipeline call as a batch (per-shot prompts and seeds), which
+keeps a GPU busier than one shot at a time. A shot waits at most ``batch_wait_ms`` for partners, and
+only while other videos are denoising. The noise of each shot comes from its own seeded generator,
+so a batched shot's latents equal its unbatched ones up to float rounding (batched matmuls sum in
+another order), not bit for bit; a shot with no partner is exactly the unbatched call.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +40,85 @@ class GenerateSettings:
     chunk_latent_frames: int
 
 
+@dataclass(eq=False)
+class _ShotCall:
+    """One shot waiting in the batcher, and where its result goes."""
+
+    key: tuple[int, int, int, int, float]  # what must match to share a batch: h, w, frames, steps, cfg
+    prompt: str
+    negative_prompt: str
+    seed: int
+    shot_index: int
+    on_step: StepCallback | None
+    done: threading.Event = field(default_factory=threading.Event)
+    latents: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class _AllStopped(Exception):
+    """Every shot of a batch was cancelled by its caller: stop the denoising loop."""
+
+
+class ShotBatcher:
+    """Collects shots from concurrent ``generate`` calls and denoises same-shaped ones in one batch."""
+
+    def __init__(self, generator: LatentGenerator, max_batch: int, max_wait_s: float) -> None:
+        self.generator = generator
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.active_streams = 0  # generate() calls under way: partners worth waiting for
+        self.batches: dict[int, int] = {}  # batch size -> pipeline calls made with it
+        self._pending: list[_ShotCall] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def denoise(self, call: _ShotCall) -> torch.Tensor:
+        """Block the calling thread until its shot is denoised (alone or with partners)."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shot-batcher", daemon=True)
+                self._thread.start()
+            self._pending.append(call)
+            self._cond.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        assert call.latents is not None
+        return call.latents
+
+    def _take(self) -> list[_ShotCall]:
+        with self._cond:
+            while not self._pending:
+                self._cond.wait()
+            first = self._pending[0]
+            deadline = time.monotonic() + self.max_wait_s
+            while True:
+                batch = [call for call in self._pending if call.key == first.key][: self.max_batch]
+                left = deadline - time.monotonic()
+                # Waiting only pays while other streams may still send a shot of this shape.
+                if len(batch) >= min(self.max_batch, self.active_streams) or left <= 0:
+                    break
+                self._cond.wait(left)
+            for call in batch:
+                self._pending.remove(call)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            self.batches[len(batch)] = self.batches.get(len(batch), 0) + 1
+            try:
+                latents = self.generator._denoise_batch(batch)
+                for index, call in enumerate(batch):
+                    call.latents = latents[index : index + 1]
+            except BaseException as exc:  # noqa: BLE001 - each caller re-raises it in its own thread
+                for call in batch:
+                    call.error = call.error or exc
+            finally:
+                for call in batch:
+                    call.done.set()
+
+
 class LatentGenerator:
     """Denoises the shots of a storyboard and streams their latents out chunk by chunk."""
 
@@ -41,6 +128,11 @@ class LatentGenerator:
         pipe = model.pipe
         self._spatial_multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
         self._temporal_factor = pipe.vae_scale_factor_temporal
+        self.batcher = (
+            ShotBatcher(self, self.config.batch_max_shots, self.config.batch_wait_ms / 1000)
+            if self.config.batch_max_shots > 1
+            else None
+        )
 
     def settings(
         self, num_inference_steps: int | None = None, guidance_scale: float | None = None
@@ -107,15 +199,25 @@ class LatentGenerator:
                 f"need 0 <= start_shot < end_shot <= {count}, got start_shot {start_shot}, "
                 f"end_shot {end_shot}"
             )
-        for shot in storyboard.shots[start_shot:end_shot]:
-            yield from self.generate_shot(
-                storyboard,
-                shot,
-                request_id=request_id,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                on_step=on_step,
-            )
+        batcher = self.batcher
+        if batcher is not None:
+            with batcher._cond:
+                batcher.active_streams += 1
+        try:
+            for shot in storyboard.shots[start_shot:end_shot]:
+                yield from self.generate_shot(
+                    storyboard,
+                    shot,
+                    request_id=request_id,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    on_step=on_step,
+                )
+        finally:
+            if batcher is not None:
+                with batcher._cond:
+                    batcher.active_streams -= 1
+                    batcher._cond.notify_all()  # a shot waiting for this stream's partner stops waiting
 
     def _pipe_for_one_call(self):  # -> the diffusers pipeline, isolated for one call
         # A diffusers pipeline keeps per-call state on itself and on its scheduler (timesteps, step
@@ -124,6 +226,37 @@ class LatentGenerator:
         pipe = copy.copy(self.model.pipe)
         pipe.scheduler = copy.deepcopy(self.model.pipe.scheduler)
         return pipe
+
+    @torch.inference_mode()
+    def _denoise_batch(self, batch: list[_ShotCall]) -> torch.Tensor:
+        """One pipeline call for shots that share ``_ShotCall.key`` (on the batcher's thread)."""
+        height, width, num_frames, steps, guidance = batch[0].key
+        pipe = self._pipe_for_one_call()
+
+        def step_end(_pipe, step: int, _timestep, callback_kwargs):
+            for call in batch:
+                if call.error is None and call.on_step is not None:
+                    try:
+                        call.on_step(call.shot_index, step + 1, steps)
+                    except BaseException as exc:  # noqa: BLE001 - this caller stopped; the others go on
+                        call.error = exc
+            if all(call.error is not None for call in batch):
+                raise _AllStopped
+            return callback_kwargs
+
+        return pipe(
+            prompt=[call.prompt for call in batch],
+            negative_prompt=[call.negative_prompt for call in batch],
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator(device=self.model.device).manual_seed(call.seed) for call in batch],
+            output_type="latent",
+            max_sequence_length=self.model.preset.max_sequence_length,
+            callback_on_step_end=step_end,
+        ).frames
 
     @torch.inference_mode()
     def generate_shot(
@@ -137,33 +270,45 @@ class LatentGenerator:
         on_step: StepCallback | None = None,
     ) -> Iterator[LatentChunk]:
         settings = self.settings(num_inference_steps, guidance_scale)
-        pipe = self._pipe_for_one_call()
 
-        # 1. Progress reporting from inside diffusers' denoising loop.
-        def step_end(_pipe, step: int, _timestep, callback_kwargs):
-            if on_step is not None:
-                on_step(shot.index, step + 1, settings.num_inference_steps)
-            return callback_kwargs
-
-        # 2. Denoise the whole shot (seeded per shot: same storyboard, same latents).
+        # 1. Denoise the whole shot (seeded per shot: same storyboard, same latents), alone or batched
+        #    with same-shaped shots of other videos.
         started = time.perf_counter()
-        generator = torch.Generator(device=self.model.device).manual_seed(shot.seed)
-        latents = pipe(
-            prompt=shot.prompt,
-            negative_prompt=shot.negative_prompt or None,
-            height=storyboard.height,
-            width=storyboard.width,
-            num_frames=shot.num_frames,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=generator,
-            output_type="latent",
-            max_sequence_length=self.model.preset.max_sequence_length,
-            callback_on_step_end=step_end,
-        ).frames
+        if self.batcher is not None:
+            key = (
+                storyboard.height,
+                storyboard.width,
+                shot.num_frames,
+                settings.num_inference_steps,
+                settings.guidance_scale,
+            )
+            call = _ShotCall(key, shot.prompt, shot.negative_prompt or "", shot.seed, shot.index, on_step)
+            latents = self.batcher.denoise(call)
+        else:
+            pipe = self._pipe_for_one_call()
+
+            def step_end(_pipe, step: int, _timestep, callback_kwargs):  # progress, from diffusers' loop
+                if on_step is not None:
+                    on_step(shot.index, step + 1, settings.num_inference_steps)
+                return callback_kwargs
+
+            generator = torch.Generator(device=self.model.device).manual_seed(shot.seed)
+            latents = pipe(
+                prompt=shot.prompt,
+                negative_prompt=shot.negative_prompt or None,
+                height=storyboard.height,
+                width=storyboard.width,
+                num_frames=shot.num_frames,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generator,
+                output_type="latent",
+                max_sequence_length=self.model.preset.max_sequence_length,
+                callback_on_step_end=step_end,
+            ).frames
         denoise_s = time.perf_counter() - started
 
-        # 3. Stream the shot out along time; the renderer decodes causally, chunk by chunk.
+        # 2. Stream the shot out along time; the renderer decodes causally, chunk by chunk.
         total = latents.shape[2]
         if total != shot.num_latent_frames:
             raise RuntimeError(

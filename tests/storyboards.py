@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def make_storyboard(shot_frames=(9, 13), width=64, height=64, fps=8, crossfade=0, **overrides):
-    """A small valid storyboard built directly from the types (no planner involved)."""
+def make_storyboard(shot_frames=(9, 13), width=64, height=64, fps=8, crossfade=0, seed=0, **overrides):
+    """A small valid storyboard built directly from the types (no planner involved); ``seed`` varies the
+    shots' seeds and prompts, for several different videos of one shape."""
     from shopreel.pipelines.types import Shot, ShotKind, Storyboard, Transition
 
     shots = []
@@ -16,12 +17,12 @@ def make_storyboard(shot_frames=(9, 13), width=64, height=64, fps=8, crossfade=0
             Shot(
                 index=index,
                 kind=kind,
-                prompt=f"product shot {index}, studio light",
+                prompt=f"product shot {index}, studio light" + (f", take {seed}" if seed else ""),
                 caption=f"caption {index}",
                 num_frames=frames,
                 transition=Transition.crossfade if fade else Transition.cut,
                 transition_frames=fade,
-                seed=index,
+                seed=index + 1000 * seed,
             )
         )
     fields = dict(

@@ -76,3 +76,97 @@ def test_concurrent_requests_on_one_generator_match_sequential(tiny_model):
     assert len(results) == 3
     for result in results.values():
         assert torch.equal(result, reference)
+
+
+# --- batching shots of concurrent videos ------------------------------------------------------------
+
+
+def _latents_by_shot(chunks) -> dict[int, torch.Tensor]:
+    shots: dict[int, list[torch.Tensor]] = {}
+    for chunk in chunks:
+        shots.setdefault(chunk.shot_index, []).append(chunk.latents)
+    return {shot: torch.cat(parts, dim=2) for shot, parts in shots.items()}
+
+
+def _two_videos_at_once(generator: LatentGenerator, storyboards, **kwargs) -> list[dict[int, torch.Tensor]]:
+    import threading
+
+    results: list = [None, None]
+
+    def run(index: int) -> None:
+        chunks = generator.generate(
+            storyboards[index], request_id=f"r{index}", num_inference_steps=2, **kwargs
+        )
+        results[index] = _latents_by_shot(chunks)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
+def test_shots_of_concurrent_videos_are_batched_and_equal_their_unbatched_latents(tiny_model):
+    storyboards = [make_storyboard(shot_frames=(9, 9), seed=seed) for seed in (3, 4)]
+    plain = LatentGenerator(tiny_model, GenerateConfig(chunk_latent_frames=2))
+    references = [
+        _latents_by_shot(plain.generate(storyboard, request_id="x", num_inference_steps=2))
+        for storyboard in storyboards
+    ]
+    batched = LatentGenerator(
+        tiny_model, GenerateConfig(chunk_latent_frames=2, batch_max_shots=2, batch_wait_ms=1000)
+    )
+    results = _two_videos_at_once(batched, storyboards)
+    assert batched.batcher is not None and batched.batcher.batches.get(2, 0) >= 1, batched.batcher.batches
+    for got, want in zip(results, references, strict=True):
+        assert got.keys() == want.keys()
+        for shot in want:
+            # Same seeds, same noise; batched matmuls only sum in another order.
+            torch.testing.assert_close(got[shot], want[shot], atol=1e-4, rtol=0)
+    assert batched.batcher.active_streams == 0
+
+
+def test_a_lone_video_is_not_held_back_and_gets_exactly_the_unbatched_latents(tiny_model):
+    import time
+
+    storyboard = make_storyboard(shot_frames=(9, 9))
+    plain = LatentGenerator(tiny_model, GenerateConfig())
+    batched = LatentGenerator(tiny_model, GenerateConfig(batch_max_shots=4, batch_wait_ms=1000))
+    want = _latents_by_shot(plain.generate(storyboard, request_id="x", num_inference_steps=2))
+    started = time.perf_counter()
+    got = _latents_by_shot(batched.generate(storyboard, request_id="x", num_inference_steps=2))
+    assert time.perf_counter() - started < 1.0 * len(
+        storyboard.shots
+    )  # no wait for partners that cannot come
+    assert batched.batcher is not None and batched.batcher.batches == {1: 2}
+    for shot in want:
+        assert torch.equal(got[shot], want[shot])
+
+
+def test_a_caller_that_stops_does_not_stop_its_batch_partner(tiny_model):
+    class Stop(Exception):
+        pass
+
+    def stop_at_once(shot: int, step: int, steps: int) -> None:
+        raise Stop
+
+    storyboards = [make_storyboard(shot_frames=(9,), seed=seed) for seed in (5, 6)]
+    batched = LatentGenerator(tiny_model, GenerateConfig(batch_max_shots=2, batch_wait_ms=1000))
+    errors: list[BaseException] = []
+    import threading
+
+    def stopping() -> None:
+        try:
+            list(
+                batched.generate(storyboards[0], request_id="a", num_inference_steps=2, on_step=stop_at_once)
+            )
+        except Stop as exc:
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stopping)
+    stopper.start()
+    finished = _latents_by_shot(batched.generate(storyboards[1], request_id="b", num_inference_steps=2))
+    stopper.join(timeout=300)
+    assert len(errors) == 1 and set(finished) == {0}
+    assert batched.batcher is not None and batched.batcher.batches == {2: 1}  # they did share a batch
