@@ -2,12 +2,14 @@
 
 Offline: the CRD's ``openAPIV3Schema`` is a JSON schema (its ``x-kubernetes-*`` keys are ignored by
 a JSON-schema validator), so a misspelt or misplaced field fails here instead of at ``kubectl apply``.
-The CRD file is KubeRay's, unchanged; set ``SHOPREEL_KUBERAY_CRD`` to its path, or keep it in
-``shared/kuberay/`` next to the checkout.
+The CRD is KubeRay's ``ray-operator/config/crd/bases/ray.io_rayservices.yaml`` (ray-project/kuberay,
+commit feeaf72facab4881ba2b179248bb67315634e229, Apache-2.0), unchanged, gzipped in ``tests/data/``;
+``SHOPREEL_KUBERAY_CRD`` points the check at another copy (e.g. the CRD of the KubeRay you run).
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -18,15 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 
 
-def _crd_path() -> Path:
-    candidates = [
-        os.environ.get("SHOPREEL_KUBERAY_CRD"),
-        ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml",
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    pytest.skip("KubeRay's RayService CRD not found (set SHOPREEL_KUBERAY_CRD to ray.io_rayservices.yaml)")
+VENDORED_CRD = ROOT / "tests" / "data" / "kuberay-rayservice-crd.yaml.gz"
+
+
+def _crd_text() -> str:
+    chosen = os.environ.get("SHOPREEL_KUBERAY_CRD")
+    if chosen:
+        return Path(chosen).read_text()
+    return gzip.decompress(VENDORED_CRD.read_bytes()).decode()
 
 
 def _strict(node: object) -> None:
@@ -44,7 +45,7 @@ def _strict(node: object) -> None:
 
 
 def _schema(version: str) -> dict:
-    crd = yaml.safe_load(_crd_path().read_text())
+    crd = yaml.safe_load(_crd_text())
     for served in crd["spec"]["versions"]:
         if served["name"] == version:
             schema = served["schema"]["openAPIV3Schema"]
