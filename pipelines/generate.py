@@ -227,6 +227,14 @@ class LatentGenerator:
         pipe.scheduler = copy.deepcopy(self.model.pipe.scheduler)
         return pipe
 
+    def _denoise_alone(self, call: _ShotCall) -> torch.Tensor:
+        """One shot, on the calling thread: a batch of one, which is exactly the plain pipeline call."""
+        try:
+            return self._denoise_batch([call])
+        except _AllStopped:
+            assert call.error is not None  # its step callback raised: that is the caller's to see
+            raise call.error from None
+
     @torch.inference_mode()
     def _denoise_batch(self, batch: list[_ShotCall]) -> torch.Tensor:
         """One pipeline call for shots that share ``_ShotCall.key`` (on the batcher's thread)."""
@@ -274,38 +282,16 @@ class LatentGenerator:
         # 1. Denoise the whole shot (seeded per shot: same storyboard, same latents), alone or batched
         #    with same-shaped shots of other videos.
         started = time.perf_counter()
-        if self.batcher is not None:
-            key = (
-                storyboard.height,
-                storyboard.width,
-                shot.num_frames,
-                settings.num_inference_steps,
-                settings.guidance_scale,
-            )
-            call = _ShotCall(key, shot.prompt, shot.negative_prompt or "", shot.seed, shot.index, on_step)
-            latents = self.batcher.denoise(call)
-        else:
-            pipe = self._pipe_for_one_call()
-
-            def step_end(_pipe, step: int, _timestep, callback_kwargs):  # progress, from diffusers' loop
-                if on_step is not None:
-                    on_step(shot.index, step + 1, settings.num_inference_steps)
-                return callback_kwargs
-
-            generator = torch.Generator(device=self.model.device).manual_seed(shot.seed)
-            latents = pipe(
-                prompt=shot.prompt,
-                negative_prompt=shot.negative_prompt or None,
-                height=storyboard.height,
-                width=storyboard.width,
-                num_frames=shot.num_frames,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generator,
-                output_type="latent",
-                max_sequence_length=self.model.preset.max_sequence_length,
-                callback_on_step_end=step_end,
-            ).frames
+        key = (storyboard.height, storyboard.width, shot.num_frames, settings.num_inference_steps)
+        call = _ShotCall(
+            (*key, settings.guidance_scale),
+            shot.prompt,
+            shot.negative_prompt or "",
+            shot.seed,
+            shot.index,
+            on_step,
+        )
+        latents = self.batcher.denoise(call) if self.batcher is not None else self._denoise_alone(call)
         denoise_s = time.perf_counter() - started
 
         # 2. Stream the shot out along time; the renderer decodes causally, chunk by chunk.
