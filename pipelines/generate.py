@@ -15,6 +15,7 @@ another order), not bit for bit; a shot with no partner is exactly the unbatched
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -71,6 +72,18 @@ class ShotBatcher:
         self._pending: list[_ShotCall] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """A ``generate`` call under way: while it lasts, its next shot is worth waiting for."""
+        with self._cond:
+            self.active_streams += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.active_streams -= 1
+                self._cond.notify_all()  # a shot waiting for this stream's partner stops waiting
 
     def denoise(self, call: _ShotCall) -> torch.Tensor:
         """Block the calling thread until its shot is denoised (alone or with partners)."""
@@ -199,11 +212,7 @@ class LatentGenerator:
                 f"need 0 <= start_shot < end_shot <= {count}, got start_shot {start_shot}, "
                 f"end_shot {end_shot}"
             )
-        batcher = self.batcher
-        if batcher is not None:
-            with batcher._cond:
-                batcher.active_streams += 1
-        try:
+        with self.batcher.stream() if self.batcher is not None else contextlib.nullcontext():
             for shot in storyboard.shots[start_shot:end_shot]:
                 yield from self.generate_shot(
                     storyboard,
@@ -213,11 +222,6 @@ class LatentGenerator:
                     guidance_scale=guidance_scale,
                     on_step=on_step,
                 )
-        finally:
-            if batcher is not None:
-                with batcher._cond:
-                    batcher.active_streams -= 1
-                    batcher._cond.notify_all()  # a shot waiting for this stream's partner stops waiting
 
     def _pipe_for_one_call(self):  # -> the diffusers pipeline, isolated for one call
         # A diffusers pipeline keeps per-call state on itself and on its scheduler (timesteps, step
@@ -282,9 +286,14 @@ class LatentGenerator:
         # 1. Denoise the whole shot (seeded per shot: same storyboard, same latents), alone or batched
         #    with same-shaped shots of other videos.
         started = time.perf_counter()
-        key = (storyboard.height, storyboard.width, shot.num_frames, settings.num_inference_steps)
         call = _ShotCall(
-            (*key, settings.guidance_scale),
+            (
+                storyboard.height,
+                storyboard.width,
+                shot.num_frames,
+                settings.num_inference_steps,
+                settings.guidance_scale,
+            ),
             shot.prompt,
             shot.negative_prompt or "",
             shot.seed,

@@ -99,6 +99,7 @@ class StagePolicy:
         self._events_read_at = -math.inf
         self._store: Any = None
         self._last: tuple[int, str | None] | None = None  # floor and event of the last tick, for the log
+        self._reported: dict[str, float] = {}  # gauge values last recorded
         self.metrics = sm.stage_metrics(stage)  # in the controller: tagged with the stage it scales
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
@@ -152,7 +153,15 @@ class StagePolicy:
             elif self._last is not None:
                 logger.info("autoscaler %s: no event; floor back to %d replicas", self.stage, decision.floor)
             self._last = (decision.floor, decision.event)
-        self.metrics.set(sm.AUTOSCALER_BACKLOG, decision.backlog)
-        self.metrics.set(sm.AUTOSCALER_WANTED, decision.wanted)
-        self.metrics.set(sm.AUTOSCALER_FLOOR, decision.floor)
-        self.metrics.set(sm.AUTOSCALER_EVENT_ACTIVE, 1.0 if decision.event else 0.0)
+        # Every control-loop tick (0.1 s) decides; record a gauge only when it moved (the refresher
+        # re-sets unchanged ones for Ray's agent).
+        levels = (
+            (sm.AUTOSCALER_BACKLOG, decision.backlog),
+            (sm.AUTOSCALER_WANTED, decision.wanted),
+            (sm.AUTOSCALER_FLOOR, float(decision.floor)),
+            (sm.AUTOSCALER_EVENT_ACTIVE, 1.0 if decision.event else 0.0),
+        )
+        for series, value in levels:
+            if self._reported.get(series.name) != value:
+                self._reported[series.name] = value
+                self.metrics.set(series, value)

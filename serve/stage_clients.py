@@ -279,7 +279,10 @@ class RemoteLatentSource:
                         _check_resent(request_id, item, partial_shot)
                         continue
                     failures.reset()
-                    partial_shot = [] if item.is_last else [*partial_shot, np.asarray(item.latents)]
+                    if item.is_last:
+                        partial_shot = []
+                    else:
+                        partial_shot.append(np.asarray(item.latents))
                     yield item
             except Exception as exc:
                 if not replica_lost(exc):

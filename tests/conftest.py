@@ -35,3 +35,12 @@ def postgres():
         pytest.skip(reason)
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture
+def http(server):
+    """An HTTP client for the module's own ``server`` fixture (a running embedded cluster)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client

@@ -58,12 +58,6 @@ def server(tmp_path_factory):
     running.stop()
 
 
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=300) as client:
-        yield client
-
-
 def _replica(deployment: str) -> tuple[str, dict[str, Any]]:
     """The one live replica actor of a deployment in this test's cluster: (actor id, GCS record)."""
     from ray._private import state  # the public state API needs the dashboard, which tests don't start

@@ -54,12 +54,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=300) as client:
-        yield client
-
-
-@pytest.fixture
 def openai_client(server):
     from openai import OpenAI
 
