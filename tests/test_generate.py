@@ -117,7 +117,10 @@ def test_shots_of_concurrent_videos_are_batched_and_equal_their_unbatched_latent
     batched = LatentGenerator(
         tiny_model, GenerateConfig(chunk_latent_frames=2, batch_max_shots=2, batch_wait_ms=1000)
     )
-    results = _two_videos_at_once(batched, storyboards)
+    assert batched.batcher is not None
+    # Held open so the first shot waits for its partner even if the other thread starts a little later.
+    with batched.batcher.stream():
+        results = _two_videos_at_once(batched, storyboards)
     assert batched.batcher is not None and batched.batcher.batches.get(2, 0) >= 1, batched.batcher.batches
     for got, want in zip(results, references, strict=True):
         assert got.keys() == want.keys()
@@ -165,8 +168,10 @@ def test_a_caller_that_stops_does_not_stop_its_batch_partner(tiny_model):
             errors.append(exc)
 
     stopper = threading.Thread(target=stopping)
-    stopper.start()
-    finished = _latents_by_shot(batched.generate(storyboards[1], request_id="b", num_inference_steps=2))
-    stopper.join(timeout=300)
+    assert batched.batcher is not None
+    with batched.batcher.stream():  # the first shot waits for its partner, whichever thread starts first
+        stopper.start()
+        finished = _latents_by_shot(batched.generate(storyboards[1], request_id="b", num_inference_steps=2))
+        stopper.join(timeout=300)
     assert len(errors) == 1 and set(finished) == {0}
     assert batched.batcher is not None and batched.batcher.batches == {2: 1}  # they did share a batch
