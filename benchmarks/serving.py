@@ -1,11 +1,13 @@
 """The serving cluster against the in-process pipeline, in one run on this machine (tiny preset).
 
     .venv/bin/python -m shopreel.benchmarks.serving [--repeats 3] [--videos 8] [--concurrency 1 2 4]
+        [--sizes 128x128 256x256] [--serve-modes fast default]
 
 Measures, for one 4-shot brief:
-1. latency at concurrency 1: in-process ``ProductVideoPipeline`` vs the cluster's streaming
-   endpoint, interleaved run by run so both see the same machine load;
-2. the cluster's time to first fragment (client side, first body byte) vs its full latency;
+1. latency at concurrency 1 at each size: in-process ``ProductVideoPipeline`` vs the cluster's
+   streaming endpoint, interleaved run by run so both see the same machine load, once per Serve
+   request path (``fast``, what ``serve/runner.py`` starts, and Serve's ``default``);
+2. time to first fragment (cluster: client side, first body byte) against the in-process one;
 3. throughput (videos/min) at each concurrency, ``--videos`` requests per level.
 
 Writes ``benchmarks/results/serving.json``, ``serving.md`` and ``serving.png``. Compare rows of one
@@ -95,86 +97,118 @@ def throughput(url: str, brief: dict[str, Any], concurrency: int, videos: int) -
     }
 
 
-def run(repeats: int, videos: int, levels: list[int]) -> dict[str, Any]:
+SIZES = ("128x128", "256x256")
+GOALS = {"cluster_over_in_process_max": 1.10, "first_fragment_over_in_process_max": 1.25}
+
+
+def latency_rows(client: Any, pipeline: Any, brief: dict[str, Any], repeats: int, tmp: str) -> dict[str, Any]:
+    """In-process and cluster runs of one brief, interleaved so both see the same machine load."""
+    from shopreel.pipelines.types import ProductBrief
+
+    product_brief = ProductBrief.model_validate(brief)
+    stream_once(client, brief)  # warm both paths at this size once
+    pipeline.run(product_brief, output_path=Path(tmp) / "warm.mp4")
+    rows: list[dict[str, float]] = []
+    for index in range(repeats):
+        result = pipeline.run(product_brief, output_path=Path(tmp) / f"in-process-{index}.mp4")
+        first, total, _ = stream_once(client, brief)
+        rows.append(
+            {
+                "in_process_s": result.timings.total_s,
+                "in_process_first_fragment_s": result.timings.first_fragment_s or 0.0,
+                "cluster_s": total,
+                "cluster_first_fragment_s": first,
+            }
+        )
+    median = {key: round(statistics.median(row[key] for row in rows), 3) for key in rows[0]}
+    median["cluster_over_in_process"] = round(median["cluster_s"] / median["in_process_s"], 3)
+    median["first_fragment_over_in_process"] = round(
+        median["cluster_first_fragment_s"] / median["in_process_first_fragment_s"], 3
+    )
+    median["first_fragment_share"] = round(median["cluster_first_fragment_s"] / median["cluster_s"], 3)
+    return {"size": brief["size"], "median": median, "runs": rows}
+
+
+def run(repeats: int, videos: int, levels: list[int], sizes: list[str], modes: list[str]) -> dict[str, Any]:
+    """``modes``: ``fast`` (Serve's low-overhead path, what ``runner.start`` sets up) and/or ``default``."""
+    import os
+
     import httpx
     import torch
 
     from shopreel.pipelines.pipeline import ProductVideoPipeline
-    from shopreel.pipelines.types import ProductBrief
-    from shopreel.serve.runner import load_config, start
+    from shopreel.serve.deployments import torch_threads
+    from shopreel.serve.runner import SERVE_DEFAULT_ENV, SERVE_FAST_PATH_ENV, load_config, start
 
-    brief = ProductBrief.model_validate(BRIEF)
     pipeline = ProductVideoPipeline()
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(None, **{"jobs.data_dir": tmp, "jobs.max_streams": max(levels) + 1})
-        server = start(config, port=free_port(), ready_timeout_s=600)
-        try:
-            rows: list[dict[str, float]] = []
-            with httpx.Client(base_url=server.url, timeout=900) as client:
-                stream_once(client, BRIEF)  # warm both paths once
-                pipeline.run(brief, output_path=Path(tmp) / "warm.mp4")
-                for index in range(repeats):
-                    result = pipeline.run(brief, output_path=Path(tmp) / f"in-process-{index}.mp4")
-                    first, total, _ = stream_once(client, BRIEF)
-                    rows.append(
-                        {
-                            "in_process_s": result.timings.total_s,
-                            "in_process_first_fragment_s": result.timings.first_fragment_s or 0.0,
-                            "cluster_s": total,
-                            "cluster_first_fragment_s": first,
-                        }
-                    )
-            frames = result.compose.num_frames
-            shots = len(result.storyboard.shots)
-            levels_rows = [throughput(server.url, BRIEF, level, videos) for level in levels]
-        finally:
-            server.stop()
-
-    def median(key: str) -> float:
-        return round(statistics.median(row[key] for row in rows), 3)
-
-    latency = {key: median(key) for key in rows[0]}
-    latency["cluster_over_in_process"] = round(latency["cluster_s"] / latency["in_process_s"], 3)
-    latency["first_fragment_share"] = round(latency["cluster_first_fragment_s"] / latency["cluster_s"], 3)
+    latency: list[dict[str, Any]] = []
+    levels_rows: list[dict[str, float]] = []
+    for mode in modes:
+        # Ray reads these when its processes start: each mode gets its own embedded cluster.
+        os.environ.update(SERVE_FAST_PATH_ENV if mode == "fast" else SERVE_DEFAULT_ENV)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = load_config(None, **{"jobs.data_dir": tmp, "jobs.max_streams": max(levels) + 1})
+            server = start(config, port=free_port(), ready_timeout_s=600)
+            try:
+                with httpx.Client(base_url=server.url, timeout=900) as client:
+                    for size in sizes:
+                        row = latency_rows(client, pipeline, {**BRIEF, "size": size}, repeats, tmp)
+                        latency.append({"serve_mode": mode, **row})
+                if mode == modes[0]:
+                    levels_rows = [throughput(server.url, BRIEF, level, videos) for level in levels]
+            finally:
+                server.stop()
     return {
         "benchmark": "serving",
         "preset": "tiny",
         "brief": BRIEF,
-        "shots": shots,
-        "frames": frames,
         "repeats": repeats,
         "latency": latency,
-        "runs": rows,
         "throughput": levels_rows,
-        "goals": {"cluster_over_in_process_max": 1.15, "first_fragment_share_max": 0.25},
+        "throughput_serve_mode": modes[0],
+        "goals": GOALS,
         "machine": {
             "platform": platform.platform(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "cuda": torch.cuda.is_available(),
+            "replica_torch_threads": torch_threads(load_config(None)),
+            "in_process_torch_threads": torch.get_num_threads(),
         },
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    latency = report["latency"]
+    goals = report["goals"]
+    machine = report["machine"]
     lines = [
         f"# Serving cluster vs in-process, preset {report['preset']}",
         "",
-        f"{report['shots']} shots, {report['frames']} frames at {report['brief']['size']}, "
-        f"{report['brief']['fps']} fps; median of {report['repeats']} interleaved runs. "
-        f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
-        f"CUDA {report['machine']['cuda']}. {report['timestamp']}",
+        f"One 4-shot brief ({report['brief']['fps']} fps); median of {report['repeats']} runs, in-process "
+        f"and cluster interleaved. Cluster times are the client's (HTTP streaming endpoint, first body byte "
+        f"and last). Serve mode `fast`: Serve's low-overhead request path as `serve/runner.py` starts it; "
+        f"`default`: Serve's defaults. Machine: {machine['platform']}, {machine['cpus']} CPUs, CUDA "
+        f"{machine['cuda']}; torch threads: {machine['in_process_torch_threads']} in process, "
+        f"{machine['replica_torch_threads']} per torch replica. {report['timestamp']}",
         "",
-        "| measure | value | goal |",
-        "|---|---|---|",
-        f"| in-process latency s | {latency['in_process_s']} | |",
-        f"| cluster latency s (streaming endpoint) | {latency['cluster_s']} | |",
-        f"| cluster / in-process | {latency['cluster_over_in_process']} | <= 1.15 |",
-        f"| cluster time to first fragment s | {latency['cluster_first_fragment_s']} | |",
-        f"| first fragment / full latency | {latency['first_fragment_share']} | <= 0.25 |",
-        f"| in-process time to first fragment s | {latency['in_process_first_fragment_s']} | |",
+        "| serve mode | size | in-process s | cluster s | cluster / in-process | in-process first fragment s "
+        "| cluster first fragment s | first fragment ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["latency"]:
+        m = row["median"]
+        lines.append(
+            f"| {row['serve_mode']} | {row['size']} | {m['in_process_s']} | {m['cluster_s']} | "
+            f"{m['cluster_over_in_process']} | {m['in_process_first_fragment_s']} | "
+            f"{m['cluster_first_fragment_s']} | {m['first_fragment_over_in_process']} |"
+        )
+    lines += [
+        "",
+        f"Goals: cluster / in-process <= {goals['cluster_over_in_process_max']}, first fragment ratio <= "
+        f"{goals['first_fragment_over_in_process_max']}.",
+        "",
+        f"Throughput (serve mode `{report['throughput_serve_mode']}`, {report['brief']['size']}):",
         "",
         "| concurrency | videos | wall s | videos/min | p50 latency s | max latency s |",
         "|---|---|---|---|---|---|",
@@ -198,7 +232,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.plot([r["concurrency"] for r in rows], [r["videos_per_min"] for r in rows], marker="o")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("videos / min")
-    ax.set_title(f"shopreel cluster, tiny preset, {report['frames']} frames/video")
+    ax.set_title(f"shopreel cluster, tiny preset, {report['brief']['size']}")
     ax.set_xticks([r["concurrency"] for r in rows])
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -212,9 +246,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--videos", type=int, default=8, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument(
+        "--serve-modes",
+        nargs="+",
+        choices=["fast", "default"],
+        default=["fast", "default"],
+        help="Serve request paths to measure, each on its own embedded cluster (throughput: the first)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    report = run(args.repeats, args.videos, args.concurrency)
+    report = run(args.repeats, args.videos, args.concurrency, args.sizes, args.serve_modes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)

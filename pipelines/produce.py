@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .compose import ComposeResult, Compositor
+from .compose import ComposeResult, CompositionSession, Compositor
 from .generate import LatentGenerator
 from .render import StreamingRenderer
 from .types import FrameChunk, LatentChunk, ProductImage, StageTimings, Storyboard
@@ -105,7 +105,11 @@ class LatentSource(Protocol):
 
 
 class FrameRenderer(Protocol):
-    """The render stage for one video: called with each shot's chunks in order, shots overlapping."""
+    """The render stage for one video: one call per chunk, shots overlapping.
+
+    A shot's chunks are handed over in order as soon as they exist, each before the previous one's
+    frames are back: the renderer keeps a shot's order (its causal decoder cache needs it).
+    """
 
     retries: int  # chunk calls repeated after a lost replica
 
@@ -227,14 +231,6 @@ async def produce(
     """
     started = time.perf_counter() if started is None else started
     storyboard = order.storyboard
-    session = await asyncio.to_thread(
-        compositor.open,
-        storyboard,
-        request_id=order.request_id,
-        product_images=[image.to_pil() for image in order.product_images],
-        audio=order.audio,
-        seed=order.seed,
-    )
     timings = StageTimings(understand_s=understand_s)
     shot_denoise_s: list[float] = []
     shot_denoised_at: list[float] = []
@@ -242,12 +238,6 @@ async def produce(
     ordered: asyncio.Queue[Any] = asyncio.Queue()
     end = object()
     render_tasks: list[asyncio.Task[FrameChunk]] = []
-    last_task_of_shot: dict[int, asyncio.Task[FrameChunk]] = {}
-
-    async def render_in_order(chunk: LatentChunk, previous: asyncio.Task[FrameChunk] | None) -> FrameChunk:
-        if previous is not None:
-            await previous  # a shot's decoder cache needs its chunks in order
-        return await renderer.render(chunk)
 
     async def feed() -> None:
         try:
@@ -259,8 +249,8 @@ async def produce(
                 if item.chunk_index == 0:  # a shot's first chunk carries its denoise time
                     shot_denoise_s.append(item.timings.get("denoise_s", 0.0))
                     shot_denoised_at.append(item.timings.get("denoised_at", time.time()))
-                task = asyncio.create_task(render_in_order(item, last_task_of_shot.get(item.shot_index)))
-                last_task_of_shot[item.shot_index] = task
+                # Handed over at once, in the shot's order: the renderer keeps that order.
+                task = asyncio.create_task(renderer.render(item))
                 render_tasks.append(task)
                 await ordered.put(task)
             await ordered.put(end)
@@ -279,9 +269,19 @@ async def produce(
         fragment_count += 1
         return Fragment(data)
 
+    # Denoising starts first; the muxer, overlays and audio bed are set up while the first shot denoises.
     feeder = asyncio.create_task(feed())
     finished = False
+    session: CompositionSession | None = None
     try:
+        session = await asyncio.to_thread(
+            compositor.open,
+            storyboard,
+            request_id=order.request_id,
+            product_images=[image.to_pil() for image in order.product_images],
+            audio=order.audio,
+            seed=order.seed,
+        )
         while (item := await ordered.get()) is not end:
             if isinstance(item, BaseException):
                 raise item
@@ -311,5 +311,6 @@ async def produce(
         # Let cancelled work unwind (the source stops its denoising thread) before state is dropped.
         await asyncio.gather(feeder, *render_tasks, return_exceptions=True)
         if not finished:
-            session.close()
+            if session is not None:
+                session.close()
             renderer.release(order.request_id)

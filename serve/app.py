@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ReplicaState
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -113,6 +114,13 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return APIError(exc.status_code, str(exc.detail)).response()
 
 
+def running_generator_replicas() -> int:
+    """Generator replicas of this application that are running, as Serve's controller reports them."""
+    app_name = serve.get_replica_context().app_name
+    status = serve.status().applications[app_name].deployments.get("generator")
+    return 0 if status is None else status.replica_states.get(ReplicaState.RUNNING, 0)
+
+
 # Serve pickles the FastAPI app when the class is decorated: what its methods call must exist by then.
 @serve.deployment(name="ingress")
 @serve.ingress(api)
@@ -145,6 +153,7 @@ class Ingress:
             jobs=self.jobs,
             videos=self.videos,
             metrics=self.metrics,
+            running_generators=running_generator_replicas,
         )
         self.ready = False
         self._readiness: asyncio.Task[None] | None = None

@@ -180,6 +180,19 @@ class JobSettings(_Config):
     max_streams: int = Field(
         default=4, ge=1, le=100_000, description="sync + streaming videos at once cluster-wide before 503"
     )
+    streams_per_generator_replica: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="stream slots per running generator replica, plus one replica's worth (admission follows "
+        "the capacity that is up, at most max_streams); None: max_streams whatever runs",
+    )
+    capacity_poll_s: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=60,
+        description="how often an ingress replica reads the running generator replicas",
+    )
     bulk_share: float = Field(
         default=0.5,
         gt=0,
@@ -229,13 +242,27 @@ class JobSettings(_Config):
             raise ValueError("interactive_reserve must leave sync requests at least one of max_streams")
         return self
 
-    def limit_of(self, admission_class: str) -> int:
+    def stream_limit(self, generator_replicas: int | None = None) -> int:
+        """Stream slots now: ``max_streams``, or what the running generator replicas take if less.
+
+        Slots for replicas that are not up yet would admit videos only to queue them behind the
+        ones running, past every client's patience; refused at once, a client can come back. One
+        replica's worth of slots more than run: the backlog the generator scales on must be able to
+        show more demand than its replicas take, or refused demand would never grow the stage.
+        """
+        if self.streams_per_generator_replica is None or generator_replicas is None:
+            return self.max_streams
+        return min(self.max_streams, self.streams_per_generator_replica * (generator_replicas + 1))
+
+    def limit_of(self, admission_class: str, generator_replicas: int | None = None) -> int:
         """Slots held (of the class's kind) at which a class is refused: lower classes are shed first."""
         if admission_class == "bulk":
             return max(1, math.floor(self.max_pending * self.bulk_share))
-        if admission_class == "sync":
-            return self.max_streams - self.interactive_reserve
-        return self.max_pending if admission_class == "job" else self.max_streams
+        if admission_class == "job":
+            return self.max_pending
+        streams = self.stream_limit(generator_replicas)
+        # Under reduced capacity the reserve may take every slot: sync requests then wait their turn.
+        return max(0, streams - self.interactive_reserve) if admission_class == "sync" else streams
 
     def store_url(self) -> str:
         """``store``, else $SHOPREEL_JOBS_STORE (a password stays out of config files), else SQLite."""
@@ -287,7 +314,8 @@ class ServeConfig(_Config):
         default=None,
         ge=1,
         le=256,
-        description="intra-op threads of torch stages; None: every core (Ray would set 1 per fractional CPU)",
+        description="intra-op threads of each torch stage replica; None: the node's cores shared by the two "
+        "torch stages (generator, renderer) that work at once (Ray would set 1 per fractional CPU)",
     )
     warmup: bool = Field(default=True, description="run one tiny request through every stage before /readyz")
     events: list[SalesEvent] = Field(

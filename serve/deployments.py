@@ -13,11 +13,13 @@ finished video) upward to the ingress while later shots are still denoising.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -64,13 +66,22 @@ RENDER_STATE_IDLE_S = 300.0
 MAX_IDLE_SHOT_LOCKS = 1024
 
 
-def _set_torch_threads(config: ServeConfig) -> None:
-    """Ray sets OMP_NUM_THREADS from a replica's num_cpus (1 for fractions): undo that unless configured."""
+def torch_threads(config: ServeConfig) -> int:
+    """Intra-op threads of a torch stage replica: configured, else half the node's cores.
+
+    Ray would set OMP_NUM_THREADS from a replica's num_cpus (1 for fractions). Every core would
+    oversubscribe: once the first shot is decoded, the generator and the renderer on a node compute at
+    the same time, and two full thread pools on the same cores ran each stage slower than half as many.
+    """
     import os
 
+    return config.torch_threads or max(1, (os.cpu_count() or 1) // 2)
+
+
+def _set_torch_threads(config: ServeConfig) -> None:
     import torch
 
-    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(torch_threads(config))
 
 
 def warmup_storyboard(width: int = 64, height: int = 64, fps: int = 8) -> Storyboard:
@@ -235,35 +246,80 @@ class RendererDeployment:
 
     async def render(self, chunk: LatentChunk, history: np.ndarray | None = None) -> FrameChunk | NeedHistory:
         """Decode one chunk; ``history`` (the shot's latents before it) rebuilds a missing cache."""
+        async with contextlib.aclosing(self.render_chunks([chunk], history)) as answers:
+            async for answer in answers:
+                return answer
+        raise RuntimeError("render_chunks answered nothing")  # it answers every call
+
+    async def render_chunks(
+        self, chunks: list[LatentChunk], history: np.ndarray | None = None
+    ) -> AsyncGenerator[FrameChunk | NeedHistory, None]:
+        """Decode consecutive chunks of one shot, streaming each one's frames as soon as they exist.
+
+        One call per run of a shot's chunks instead of one round trip per chunk, and one decoding job:
+        the worker thread goes on to the next chunk while the previous one's frames are being sent.
+        ``history`` (the shot's latents before the first chunk) rebuilds a missing cache; without it,
+        a replica that lacks the shot's state answers ``NeedHistory`` and ends the stream.
+        """
         key = serve.get_multiplexed_model_id()
         if key:
             await self._hold_shot(key)
         self.renderer.evict_idle(RENDER_STATE_IDLE_S)
-        shot = (chunk.request_id, chunk.shot_index)
+        first = chunks[0]
+        shot = (first.request_id, first.shot_index)
         # One call per shot at a time: a retry of a chunk whose first call is still decoding here (its
         # caller lost contact, not the replica) must see the state that call leaves, not race it.
         lock = self._shot_locks.setdefault(shot, asyncio.Lock())
-        loop = asyncio.get_running_loop()
         try:
             async with lock:
                 expected = self.renderer.next_latent(*shot)
-                if chunk.latent_start == expected:
-                    return self._count(await loop.run_in_executor(self.executor, self._render, chunk))
-                if chunk.latent_start == 0:  # the shot's first chunk again: start the shot over
+                rebuild_from = None
+                if first.latent_start == 0 and expected != 0:  # the shot's first chunk again: start over
                     self.renderer.release(*shot)
-                    return self._count(await loop.run_in_executor(self.executor, self._render, chunk))
-                if history is None or history.shape[2] != chunk.latent_start:
-                    return NeedHistory(next_latent=expected)
-                return self._count(
-                    await loop.run_in_executor(self.executor, self._rebuild_and_render, chunk, history)
-                )
+                elif first.latent_start != expected:
+                    if history is None or history.shape[2] != first.latent_start:
+                        yield NeedHistory(next_latent=expected)
+                        return
+                    rebuild_from = history
+                async for frames in self._decode_in_turn(chunks, rebuild_from):
+                    yield self._count(frames)
         finally:
             self.stage_metrics.set(sm.CAUSAL_CACHES, self.renderer.active_streams)
-            if chunk.is_last and not lock.locked():
+            if chunks[-1].is_last and not lock.locked():
                 self._shot_locks.pop(shot, None)
             if len(self._shot_locks) > MAX_IDLE_SHOT_LOCKS:  # shots of abandoned requests
                 for stale in [k for k, held in self._shot_locks.items() if not held.locked()]:
                     del self._shot_locks[stale]
+
+    async def _decode_in_turn(
+        self, chunks: list[LatentChunk], rebuild_from: np.ndarray | None
+    ) -> AsyncIterator[FrameChunk]:
+        """Decode ``chunks`` in one executor job, handing each one's frames over as it is done."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue[FrameChunk | BaseException] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                if rebuild_from is not None:
+                    self._rebuild(chunks[0], rebuild_from)
+                for chunk in chunks:
+                    if stop.is_set():  # the caller went away: leave the cache after a whole chunk
+                        return
+                    loop.call_soon_threadsafe(done.put_nowait, self._render(chunk))
+            except BaseException as exc:  # noqa: BLE001 - raised to the caller below
+                loop.call_soon_threadsafe(done.put_nowait, exc)
+
+        job = loop.run_in_executor(self.executor, work)
+        try:
+            for _ in chunks:
+                item = await done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.shield(job)  # the shot's state is whole again before its lock is released
 
     def _count(self, frames: FrameChunk) -> FrameChunk:
         """Record a delivered chunk (not warm-up, not a rebuild's history pass)."""
@@ -275,7 +331,8 @@ class RendererDeployment:
         latents = self.torch.from_numpy(np.asarray(chunk.latents))
         return self.renderer.render(replace(chunk, latents=latents))
 
-    def _rebuild_and_render(self, chunk: LatentChunk, history: np.ndarray) -> FrameChunk:
+    def _rebuild(self, chunk: LatentChunk, history: np.ndarray) -> None:
+        """Rebuild the shot's causal cache from its latents before ``chunk`` (their frames went out)."""
         self.stage_metrics.inc(sm.HISTORY_REBUILDS)
         self.renderer.release(chunk.request_id, chunk.shot_index)
         prefix = LatentChunk(
@@ -288,8 +345,7 @@ class RendererDeployment:
             is_last=False,
             is_last_shot=False,
         )
-        self._render(prefix)  # frames already delivered once; only the cache is wanted
-        return self._render(chunk)
+        self._render(prefix)
 
     async def ready(self) -> bool:
         return True

@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, cast
 
@@ -52,6 +53,7 @@ logger = logging.getLogger("shopreel.serve")
 
 MAX_RETRY_AFTER_S = 600.0  # a predicted wait longer than this is no longer a useful hint
 STORE_GAUGES_PERIOD_S = 2.0  # how often an ingress replica samples the shared queue for its gauges
+DRAIN_RATE_TTL_S = 2.0  # a refusal's Retry-After reuses a drain rate read this recently
 
 # A streaming request's end of a production: fMP4 fragments, then None; an exception if it failed.
 FragmentListener: TypeAlias = asyncio.Queue[bytes | BaseException | None]
@@ -145,20 +147,27 @@ class JobService:
         jobs: JobStore,
         videos: VideoStore,
         metrics: ServingMetrics,
+        running_generators: Callable[[], int] | None = None,
     ) -> None:
+        """``running_generators`` reads how many generator replicas run (with
+        ``jobs.streams_per_generator_replica``, the stream limit follows it)."""
         self.config = config
         self.planner = planner
         self.compositor = compositor
         self.jobs = jobs
         self.videos = videos
         self.metrics = metrics
-        metrics.limits(config.jobs.max_pending, config.jobs.max_streams)
+        self.running_generators = running_generators
+        self.generator_replicas: int | None = None  # last read; None: not followed, or not read yet
+        metrics.limits(config.jobs.max_pending, config.jobs.stream_limit())
         # This replica's name on the leases it holds; a restarted replica is a new owner.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.job_waiting: asyncio.Event | None = None
         self.productions: dict[str, asyncio.Task[None]] = {}
         # Slot kinds the store refused lately, remembered for ``jobs.refusal_memory_s``.
         self._full: dict[str, Full] = {}  # by admission class
+        # Recent drain rate per slot kind and when it was read: a burst of refusals reads it once.
+        self._drain_rates: dict[AdmissionKind, tuple[float, float]] = {}
         self._background: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -169,6 +178,8 @@ class JobService:
                 asyncio.create_task(self._worker()) for _ in range(self.config.jobs.concurrency)
             ]
             self._background.append(asyncio.create_task(self._report_store()))
+            if self.running_generators is not None and self.config.jobs.streams_per_generator_replica:
+                self._background.append(asyncio.create_task(self._follow_capacity()))
 
     # --- accepting ------------------------------------------------------------------------------
 
@@ -270,11 +281,15 @@ class JobService:
         same full limit; the measured drain rate spreads them over when slots really free up.
         """
         settings = self.config.jobs
-        try:
-            rate = self.jobs.drain_rate(slot, settings.drain_window_s)
-        except Exception:  # noqa: BLE001 - a refusal must not fail on its hint
-            logger.warning("reading the drain rate failed", exc_info=True)
-            rate = 0.0
+        rate, read_at = self._drain_rates.get(slot, (0.0, -DRAIN_RATE_TTL_S))
+        if time.monotonic() - read_at >= DRAIN_RATE_TTL_S:
+            try:
+                rate = self.jobs.drain_rate(slot, settings.drain_window_s)
+            except Exception:  # noqa: BLE001 - a refusal must not fail on its hint
+                logger.warning("reading the drain rate failed", exc_info=True)
+                rate = 0.0
+            else:
+                self._drain_rates[slot] = (rate, time.monotonic())
         if rate <= 0:
             return float(settings.retry_after_s)  # nothing finished lately: no rate to go by
         return min(MAX_RETRY_AFTER_S, max(1.0, waiting / rate))
@@ -288,7 +303,7 @@ class JobService:
         self.refuse_if_full(kind, priority)
         settings = self.config.jobs
         slot, admission_class = _slot_of(kind), _class_of(kind, priority)
-        limit = settings.limit_of(admission_class)
+        limit = settings.limit_of(admission_class, self.generator_replicas)
         try:
             await asyncio.to_thread(self.jobs.admit, video_id, slot, limit, settings.lease_s)
         except AdmissionRefused as exc:
@@ -298,6 +313,27 @@ class JobService:
             if settings.refusal_memory_s > 0:
                 self._full[admission_class] = full
             self._refuse(full)
+
+    async def _follow_capacity(self) -> None:
+        """Keep the stream limit at what the running generator replicas take."""
+        assert self.running_generators is not None
+        settings = self.config.jobs
+        while True:
+            try:
+                running = await asyncio.to_thread(self.running_generators)
+            except Exception:  # noqa: BLE001 - keep the last figure; the next read may work
+                logger.warning("reading the running generator replicas failed", exc_info=True)
+            else:
+                if running != self.generator_replicas:
+                    logger.info(
+                        "generator replicas running: %d, stream limit %d",
+                        running,
+                        settings.stream_limit(running),
+                    )
+                    self.generator_replicas = running
+                    self._slot_freed("stream")  # a remembered refusal was against the old limit
+                    self.metrics.limits(settings.max_pending, settings.stream_limit(running))
+            await asyncio.sleep(settings.capacity_poll_s)
 
     async def delete(self, video_id: str) -> None:
         """Forget a video: stop its production if this replica runs it, drop its record and files."""

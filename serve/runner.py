@@ -17,6 +17,26 @@ from .config import ServeConfig
 logger = logging.getLogger("shopreel.serve")
 APP_NAME = "shopreel"
 
+# Ray Serve's low-overhead request path (the replica and router settings of Ray's own "throughput
+# optimized" mode): replicas run user code and handle routers on their main event loop instead of
+# hopping to extra threads, and replicas call each other over gRPC. A video crosses stage boundaries
+# dozens of times (latent chunks, frames, fragments), so each hop's cost sits on the path to the first
+# frame (benchmarks/serving.py measures both paths side by side). Ray's full switch also buffers and
+# silences replica logs and serves HTTP from the ingress replicas directly; those stay at Serve's
+# defaults here. Every Ray process must see these: they are set here before an embedded cluster
+# starts, and in the KubeRay pods' environment (deploy/). Set any of them in the environment to
+# override (e.g. RAY_SERVE_USE_GRPC_BY_DEFAULT=0 for Ray's actor calls between replicas).
+SERVE_FAST_PATH_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
+SERVE_DEFAULT_ENV = {  # Ray 2.60's own values, for comparison runs
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
+}
+
 
 @dataclass(frozen=True)
 class RunningServer:
@@ -97,6 +117,8 @@ def start(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     embedded = address is None
     if embedded:
+        for name, value in SERVE_FAST_PATH_ENV.items():  # inherited by every Ray process started here
+            os.environ.setdefault(name, value)
         # address="local": always a new cluster here, never one some other process left running.
         ray.init(
             address="local",

@@ -324,8 +324,13 @@ def _check_resent(request_id: str, chunk: LatentChunk, partial_shot: list[np.nda
 class RemoteFrameRenderer:
     """The renderer deployment as one video's ``FrameRenderer``; keeps each shot's latents for resends.
 
-    At most ``max_in_flight`` chunks are at renderer replicas at once; a chunk waiting to retry does
-    not hold a slot, so other shots' chunks go meanwhile.
+    Hops, not decoding, dominated a small video's time in the cluster (one round trip per chunk, each
+    waiting for the last). So each shot has a lane: the chunks of the shot that are waiting go to the
+    renderer in one streaming call, and the replica streams each chunk's frames back as soon as they
+    exist. A generator hands a shot's chunks over together, so a shot usually costs one call.
+
+    At most ``max_in_flight`` calls are at renderer replicas at once; a call waiting to retry does not
+    hold a slot, so other shots' chunks go meanwhile.
     """
 
     def __init__(
@@ -339,47 +344,113 @@ class RemoteFrameRenderer:
         # A shot's latents so far (one array per chunk): what a replica without the shot's causal cache
         # rebuilds it from. Dropped once the shot's last chunk is rendered.
         self.history: dict[int, list[np.ndarray]] = {}
+        self.waiting: dict[int, list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]] = {}
+        self.lanes: dict[int, asyncio.Task[None]] = {}
 
     async def render(self, chunk: LatentChunk) -> FrameChunk:
-        self.history.setdefault(chunk.shot_index, []).append(np.asarray(chunk.latents))
-        handle = self.renderer.options(multiplexed_model_id=f"{self.request_id}:{chunk.shot_index}")
+        shot = chunk.shot_index
+        self.history.setdefault(shot, []).append(np.asarray(chunk.latents))
+        frames: asyncio.Future[FrameChunk] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(shot, []).append((chunk, frames))
+        if shot not in self.lanes:
+            self.lanes[shot] = asyncio.create_task(self._lane(shot))
+        return await frames
+
+    def release(self, request_id: str) -> None:
+        for lane in self.lanes.values():
+            lane.cancel()
+        self.history.clear()  # replicas drop the shots' caches when they go idle
+
+    async def _lane(self, shot: int) -> None:
+        """Send the shot's waiting chunks, a run at a time, until none wait."""
+        batch: list[tuple[LatentChunk, asyncio.Future[FrameChunk]]] = []
+        try:
+            while batch := self.waiting.pop(shot, []):
+                await self._send(shot, batch)
+        except BaseException as exc:
+            for _, frames in batch + self.waiting.pop(shot, []):
+                if frames.done():
+                    continue
+                if isinstance(exc, Exception):
+                    frames.set_exception(exc)  # the driver awaits each chunk and raises it
+                else:
+                    frames.cancel()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.lanes.pop(shot, None)
+
+    async def _send(self, shot: int, batch: list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]) -> None:
+        handle = self.renderer.options(multiplexed_model_id=f"{self.request_id}:{shot}", stream=True)
         failures = _Failures("renderer", self.policy, self.request_id)
-        while True:
+        history_asked = False
+        while pending := [(chunk, frames) for chunk, frames in batch if not frames.done()]:
+            first = pending[0][0]
             try:
                 async with self.in_flight:
                     # After a lost replica the shot's cache is gone for sure: send the history at once.
-                    result = await self._call(handle, chunk, with_history=failures.count > 0)
-                break
+                    answered, need_history = await self._call(
+                        handle, pending, with_history=history_asked or failures.count > 0
+                    )
             except Exception as exc:
                 if not replica_lost(exc):
                     raise
-                await failures.wait_or_give_up(exc, f"shot {chunk.shot_index} chunk {chunk.chunk_index}")
+                await failures.wait_or_give_up(exc, f"shot {shot} chunk {first.chunk_index}")
                 self.retries += 1
-        if chunk.is_last:
-            self.history.pop(chunk.shot_index, None)  # only now: a retry of this chunk still needs it
-        return result
-
-    def release(self, request_id: str) -> None:
-        self.history.clear()  # replicas drop the shots' caches when they go idle
+                continue
+            if answered:
+                failures.reset()
+                history_asked = False
+            if need_history:
+                if history_asked:
+                    raise RuntimeError(
+                        f"renderer answered NeedHistory for shot {shot} chunk {first.chunk_index} "
+                        "although its history was sent"
+                    )
+                logger.info(
+                    "request %s shot %d: renderer lost its cache, resending %d latent frames",
+                    self.request_id,
+                    shot,
+                    first.latent_start,
+                )
+                history_asked = True
+            elif answered < len(pending):
+                raise RuntimeError(
+                    f"renderer stream for shot {shot} ended after {answered} of {len(pending)} chunks"
+                )
+        if batch[-1][0].is_last:
+            self.history.pop(shot, None)  # only now: a retry of this shot still needs it
 
     def _earlier(self, chunk: LatentChunk) -> np.ndarray:
         return np.concatenate(self.history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]
 
-    async def _call(self, handle: DeploymentHandle, chunk: LatentChunk, *, with_history: bool) -> FrameChunk:
-        history = self._earlier(chunk) if with_history and chunk.latent_start > 0 else None
-        result = await handle.render.remote(chunk, history)
-        if isinstance(result, NeedHistory):
-            history = self._earlier(chunk)
-            logger.info(
-                "request %s shot %d: renderer lost its cache, resending %d latent frames",
-                self.request_id,
-                chunk.shot_index,
-                history.shape[2],
-            )
-            result = await handle.render.remote(chunk, history)
-        if not isinstance(result, FrameChunk):
-            raise RuntimeError(
-                f"renderer answered {type(result).__name__} for shot {chunk.shot_index} chunk "
-                f"{chunk.chunk_index} although its history was sent"
-            )
-        return result
+    async def _call(
+        self,
+        handle: DeploymentHandle,
+        pending: list[tuple[LatentChunk, asyncio.Future[FrameChunk]]],
+        *,
+        with_history: bool,
+    ) -> tuple[int, bool]:
+        """One streaming call for ``pending``; resolves each chunk as its frames arrive.
+
+        Returns how many chunks it answered and whether the replica asked for the shot's history.
+        """
+        first = pending[0][0]
+        history = self._earlier(first) if with_history and first.latent_start > 0 else None
+        stream: DeploymentResponseGenerator = handle.render_chunks.remote(  # type: ignore[assignment]
+            [chunk for chunk, _ in pending], history
+        )
+        answered = 0
+        try:
+            async for result in stream:
+                if isinstance(result, NeedHistory):
+                    return answered, True
+                if not isinstance(result, FrameChunk):
+                    raise RuntimeError(f"renderer answered {type(result).__name__} for a chunk")
+                frames = pending[answered][1]
+                if not frames.done():  # its caller may have been cancelled
+                    frames.set_result(result)
+                answered += 1
+        finally:
+            stream.cancel()  # no-op once it ended
+        return answered, False

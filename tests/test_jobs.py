@@ -284,6 +284,8 @@ def test_retry_after_is_the_wait_the_recent_drain_rate_predicts(tmp_path):
         done = JobRecord(model="m", seconds="2", size="64x64", request="{}", kind=kind)
         service.jobs.create(done.model_copy(update={"status": "completed", "completed_at": now - 60}))
     service._full.clear()  # forget the remembered refusal: ask the store again
+    assert service._drain_rates  # a burst's refusals read the rate once ...
+    service._drain_rates.clear()  # ... for DRAIN_RATE_TTL_S: this test does not wait that long
     second = asyncio.run(refusal())
     # 2 slots held, limit 2: one must finish before this request fits, in about 30 s.
     assert second.headers["Retry-After"] == "30" and second.headers["retry-after-ms"] == "30000"
@@ -329,3 +331,58 @@ def test_bulk_is_for_jobs_only(tmp_path):
             service.accept(JobRequest(brief=BRIEF), prompt=None, model="m", kind="stream", priority="bulk")
         )
     assert caught.value.status_code == 400
+
+
+def test_the_stream_limit_follows_the_running_generator_replicas(tmp_path):
+    service = _service(
+        tmp_path,
+        FakeCompositor(),
+        max_streams=5,
+        streams_per_generator_replica=1,
+        capacity_poll_s=0.1,
+        refusal_memory_s=5,  # long: a change of capacity must clear a remembered refusal itself
+    )
+    running = [1]
+    service.running_generators = lambda: running[0]
+    job = JobRequest(brief=BRIEF)
+
+    async def outcome() -> int:
+        try:
+            await service.accept(job, prompt=None, model="m", kind="stream")
+        except APIError as exc:
+            return exc.status_code
+        return 200
+
+    async def replicas_seen(count: int) -> None:
+        for _ in range(100):
+            if service.generator_replicas == count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"the service never saw {count} generator replicas")
+
+    async def scenario() -> list[list[int]]:
+        service.start()
+        await replicas_seen(1)
+        one = [await outcome(), await outcome(), await outcome()]  # one replica up: 1 + 1 slots
+        running[0] = 3
+        await replicas_seen(3)
+        three = [await outcome(), await outcome(), await outcome()]  # 3 + 1 slots: two more, then full
+        running[0] = 9
+        await replicas_seen(9)
+        capped = [await outcome(), await outcome()]  # max_streams stays the ceiling
+        return [one, three, capped]
+
+    assert asyncio.run(scenario()) == [[200, 200, 503], [200, 200, 503], [200, 503]]
+    assert service.jobs.counts().get("admitted_stream") == 5
+
+
+def test_without_a_per_replica_figure_the_stream_limit_is_max_streams():
+    settings = ServeConfig.model_validate({"jobs": {"max_streams": 6, "interactive_reserve": 2}}).jobs
+    assert settings.stream_limit(1) == settings.stream_limit(None) == 6
+    assert settings.limit_of("sync", 1) == 4
+    following = settings.model_copy(update={"streams_per_generator_replica": 2})
+    assert following.stream_limit(None) == 6  # not read yet: the configured ceiling
+    # One replica's worth beyond those running, so the generator's backlog can show refused demand.
+    assert [following.stream_limit(n) for n in (0, 1, 2, 3)] == [2, 4, 6, 6]
+    # The reserve keeps interactive streams first while capacity is short: sync waits for it.
+    assert [following.limit_of("sync", n) for n in (0, 1, 2)] == [0, 2, 4]

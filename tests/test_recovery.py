@@ -27,7 +27,14 @@ from shopreel.pipelines.produce import Produced, ProductionOrder
 from shopreel.pipelines.types import LatentChunk
 from shopreel.serve.config import ServeConfig
 from shopreel.serve.deployments import CompositorDeployment, GeneratorDeployment, RendererDeployment
-from shopreel.serve.stage_clients import ChunkLedger, RetryPolicy, StageUnavailable, replica_lost
+from shopreel.serve.stage_clients import (
+    ChunkLedger,
+    NeedHistory,
+    RemoteFrameRenderer,
+    RetryPolicy,
+    StageUnavailable,
+    replica_lost,
+)
 
 NO_WAIT = RetryPolicy(backoff_s=(0.0,))
 
@@ -170,10 +177,22 @@ class FakeRenderer:
         self.die_on = set(die_on)
         self.always = always
         self.calls: list[tuple[int, int, int | None, str]] = []  # shot, chunk, history frames, outcome
-        self.render = _Remote(self._render)
+        self.render_chunks = _Remote(self._render_chunks)
 
     def options(self, **_: Any) -> FakeRenderer:
         return self
+
+    def _render_chunks(self, chunks: list[LatentChunk], history: np.ndarray | None = None) -> _Stream:
+        """The replica's streaming call: one answer per chunk, each through ``_render``."""
+
+        async def answers() -> AsyncIterator[Any]:
+            for index, chunk in enumerate(chunks):
+                result = await self._render(chunk, history if index == 0 else None)
+                yield result
+                if isinstance(result, NeedHistory):
+                    return
+
+        return _Stream(answers(), None)
 
     async def _render(self, chunk: LatentChunk, history: np.ndarray | None = None) -> Any:
         key = (chunk.shot_index, chunk.chunk_index)
@@ -274,3 +293,51 @@ def test_shot_parallel_gives_the_same_frames_one_call_per_shot_first_shot_first(
     assert generator.ranges[:2] == [(0, 1), (1, 2)]
     assert sorted(generator.ranges) == [(0, 1), (1, 2), (1, 2), (2, 3)]
     assert produced.timings.generate_restarts == 1
+
+
+# --- the renderer port: one streaming call per run of a shot's waiting chunks ---------------------
+
+
+def _shot_chunks(latents: np.ndarray) -> list[LatentChunk]:
+    total = latents.shape[2]
+    return [
+        LatentChunk(
+            "video_r", 0, index, start, start + 2, latents[:, :, start : start + 2], start + 2 >= total, True
+        )
+        for index, start in enumerate(range(0, total, 2))
+    ]
+
+
+@pytest.mark.parametrize("die_on", [set(), {(0, 1)}], ids=["healthy", "replica-lost-mid-call"])
+def test_waiting_chunks_of_a_shot_go_in_one_streaming_call(die_on):
+    renderer = FakeRenderer(_config(), die_on)
+    batches: list[list[int]] = []
+    streaming_call = renderer._render_chunks
+
+    def recording(chunks: list[LatentChunk], history: np.ndarray | None = None) -> _Stream:
+        batches.append([chunk.chunk_index for chunk in chunks])
+        return streaming_call(chunks, history)
+
+    renderer.render_chunks = _Remote(recording)
+    z_dim = renderer.replica.renderer.backend.vae.config.z_dim
+    latents = np.random.default_rng(3).standard_normal((1, z_dim, 6, 8, 8)).astype(np.float32)
+    chunks = _shot_chunks(latents)
+    reference_replica = RendererDeployment.func_or_class(_config())
+    port = RemoteFrameRenderer(renderer, NO_WAIT, "video_r", max_in_flight=2)
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        reference = [await reference_replica.render(chunk) for chunk in chunks]
+        # The first two are handed over before either is back; the third after both are.
+        got = list(await asyncio.gather(port.render(chunks[0]), port.render(chunks[1])))
+        got.append(await port.render(chunks[2]))
+        return reference, got
+
+    reference, got = asyncio.run(scenario())
+    for want, frames in zip(reference, got, strict=True):
+        np.testing.assert_array_equal(frames.frames, want.frames)
+    if not die_on:
+        assert batches == [[0, 1], [2]] and port.retries == 0
+    else:  # chunk 0 came back, chunk 1 died: it went again, alone, with the shot's first 2 latent frames
+        assert batches == [[0, 1], [1], [2]] and port.retries == 1
+        assert (0, 1, 2, "FrameChunk") in renderer.calls
+    assert port.history == {} and port.lanes == {}  # the shot's last chunk dropped what it kept

@@ -142,9 +142,10 @@ def test_streaming_product_video_overlaps_generation(http, tmp_path):
     """Fragments reach the client while later shots are still being denoised."""
     arrivals: list[float] = []
     data = bytearray()
-    with http.stream(
-        "POST", "/v1/product-videos", json={"brief": FOUR_SHOT_BRIEF, "stream": True}
-    ) as response:
+    # More steps than the preset's 4: a shot's denoising must outlast muxer set-up and one chunk's
+    # decode, or the tiny model finishes every shot before any frame could be composed at all.
+    body = {"brief": FOUR_SHOT_BRIEF, "stream": True, "num_inference_steps": 12}
+    with http.stream("POST", "/v1/product-videos", json=body) as response:
         assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
         video_id = response.headers["x-shopreel-video-id"]
         for chunk in response.iter_bytes():

@@ -77,6 +77,36 @@ def test_renderer_without_the_shot_cache_asks_for_history_and_rebuilds_it():
     assert isinstance(wrong_history, NeedHistory)  # a history of the wrong length is not trusted
 
 
+
+def test_one_streaming_call_decodes_a_run_of_chunks_as_single_calls_do():
+    config = ServeConfig(warmup=False)
+    replica = RendererDeployment.func_or_class(config)
+    other_replica = RendererDeployment.func_or_class(config)
+    z_dim = replica.renderer.backend.vae.config.z_dim
+    latents = np.random.default_rng(1).standard_normal((1, z_dim, 6, 8, 8)).astype(np.float32)
+    chunks = _chunks(latents)
+
+    async def answers(target, run, history=None):
+        return [answer async for answer in target.render_chunks(run, history)]
+
+    async def scenario():
+        reference = [await replica.render(chunk) for chunk in _chunks(latents, "ref")]
+        streamed = await answers(replica, chunks)
+        # Another replica without the shot's cache: one NeedHistory ends the call; with the history the
+        # rest of the shot decodes in one call too.
+        missing = await answers(other_replica, chunks[1:])
+        rebuilt = await answers(other_replica, chunks[1:], latents[:, :, :2])
+        return reference, streamed, missing, rebuilt
+
+    reference, streamed, missing, rebuilt = asyncio.run(scenario())
+    assert missing == [NeedHistory(next_latent=0)]
+    for got in (streamed, [reference[0], *rebuilt]):
+        assert len(got) == len(reference)
+        for frames, want in zip(got, reference, strict=True):
+            np.testing.assert_array_equal(frames.frames, want.frames)
+            assert (frames.frame_start, frames.frame_end) == (want.frame_start, want.frame_end)
+    assert replica._shot_locks == {} and replica.renderer.active_streams == 0  # the shot ended cleanly
+
 def test_serve_config_files_build_the_app():
     """deploy/serve.yaml and the KubeRay manifest's serveConfigV2 hold valid ServeConfig args."""
     from pathlib import Path
