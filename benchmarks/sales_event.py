@@ -1,7 +1,7 @@
 """Sales-event replay: baseline traffic, a 10x ramp in one minute, hold, decay; with and without the calendar.
 
-    .venv/bin/python -m shopreel.benchmarks.sales_event [--baseline-rate 0.05] [--peak-multiplier 10]
-        [--baseline-s 40] [--ramp-s 60] [--hold-s 60] [--decay-s 30] [--runs calendar none]
+    .venv/bin/python -m shopreel.benchmarks.sales_event [--baseline-rate 0.1] [--peak-multiplier 10]
+        [--baseline-s 60] [--ramp-s 60] [--hold-s 60] [--decay-s 30] [--prewarm-s 45] [--runs calendar none]
 
 Each run starts its own embedded cluster (tiny preset, streaming endpoint, 64x64 two-second briefs)
 with the stages autoscaling on their backlog and the stream limit following the generator replicas
@@ -411,14 +411,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--baseline-rate", type=float, default=0.05, help="requests/s before and after the peak"
+        "--baseline-rate", type=float, default=0.1, help="requests/s before and after the peak"
     )
     parser.add_argument("--peak-multiplier", type=float, default=10.0)
-    parser.add_argument("--baseline-s", type=float, default=40.0)
+    parser.add_argument("--baseline-s", type=float, default=60.0)
     parser.add_argument("--ramp-s", type=float, default=60.0)
     parser.add_argument("--hold-s", type=float, default=60.0)
     parser.add_argument("--decay-s", type=float, default=30.0)
-    parser.add_argument("--prewarm-s", type=float, default=30.0, help="calendar lead before the ramp")
+    parser.add_argument("--prewarm-s", type=float, default=45.0, help="calendar lead before the ramp")
     parser.add_argument("--max-generators", type=int, default=3)
     parser.add_argument("--max-renderers", type=int, default=2)
     parser.add_argument("--streams-per-generator", type=int, default=1)
