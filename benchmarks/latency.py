@@ -49,7 +49,8 @@ STAGES = ("understand", "generate", "render", "compose", "total")
 DRAIN_TIMEOUT_S = 300.0  # after arrivals stop, how long admitted requests may take to finish
 
 
-async def _one_stream(client: Any, index: int) -> dict[str, Any]:
+async def one_stream(client: Any, index: int) -> dict[str, Any]:
+    """One streamed video of ``BRIEF`` (seed ``index``): status, first-byte and total seconds, ok."""
     started = time.perf_counter()
     body = {"brief": {**BRIEF, "seed": index}, "stream": True}
     async with client.stream("POST", "/v1/product-videos", json=body) as response:
@@ -115,7 +116,7 @@ async def run_level(
         async def one() -> dict[str, Any]:
             index = next(counter)
             if endpoint == "stream":
-                return await asyncio.wait_for(_one_stream(client, index), deadline - time.monotonic())
+                return await asyncio.wait_for(one_stream(client, index), deadline - time.monotonic())
             return await _one_job(client, index, model, deadline)
 
         async def guarded() -> dict[str, Any]:

@@ -35,18 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import free_port, percentile
+from .latency import BRIEF, one_stream
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BRIEF: dict[str, Any] = {
-    "title": "Thermo Mug",
-    "category": "drinkware",
-    "selling_points": ["Keeps coffee hot for 6 hours", "Leak-proof lid"],
-    "price": 89,
-    "currency": "CNY",
-    "duration_s": 2,
-    "size": "64x64",
-    "fps": 8,
-}
 STAGES = ("generator", "renderer", "compositor")
 DRAIN_TIMEOUT_S = 120.0  # after arrivals stop, how long admitted requests may take to finish
 ADMIN_KEY = "sales-event-benchmark"
@@ -104,23 +95,6 @@ class Schedule:
         return times
 
 
-async def _one_stream(client: Any, index: int) -> dict[str, Any]:
-    started = time.perf_counter()
-    body = {"brief": {**BRIEF, "seed": index}, "stream": True}
-    async with client.stream("POST", "/v1/product-videos", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            return {"status": response.status_code, "latency_s": time.perf_counter() - started}
-        first = None
-        async for _ in response.aiter_bytes():
-            if first is None:
-                first = time.perf_counter() - started
-        video_id = response.headers.get("x-shopreel-video-id")
-    record = (await client.get(f"/v1/videos/{video_id}")).json()
-    ok = record.get("status") == "completed"
-    return {"status": 200, "ok": ok, "first_fragment_s": first, "latency_s": time.perf_counter() - started}
-
-
 async def _replay(url: str, schedule: Schedule, seed: int) -> tuple[list[dict[str, Any]], float]:
     import httpx
 
@@ -135,7 +109,7 @@ async def _replay(url: str, schedule: Schedule, seed: int) -> tuple[list[dict[st
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             sent = time.monotonic() - started
             try:
-                result = await asyncio.wait_for(_one_stream(client, index), deadline - time.monotonic())
+                result = await asyncio.wait_for(one_stream(client, index), deadline - time.monotonic())
             except (asyncio.TimeoutError, TimeoutError):
                 result = {"status": 200, "ok": False, "timed_out": True}
             except Exception as exc:  # noqa: BLE001 - a transport error counts against the server
@@ -321,7 +295,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{s['baseline_s']} s, a ramp to {s['peak_multiplier']}x over {s['ramp_s']} s, hold {s['hold_s']} s, "
         f"decay {s['decay_s']} s. Calendar run: the event's floors ({report['config']['event_floors']}) rise "
         f"{s['prewarm_s']} s before the ramp. Stream limit: "
-        f"{report['config']['jobs.streams_per_generator_replica']} per running generator replica "
+        f"{report['config']['jobs.streams_per_generator_replica']} per running generator replica, "
+        "plus one replica's worth "
         f"(at most {report['config']['jobs.max_streams']}). "
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs. {report['timestamp']}.",
         "",
