@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any, cast
@@ -112,6 +113,16 @@ async def _request_validation_error(_request: Request, exc: RequestValidationErr
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail)).response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug answers an OpenAI-style 500 whose id finds the traceback in the server log, not the trace."""
+    error_id = f"err_{uuid.uuid4().hex[:16]}"
+    logger.error("%s %s failed (%s)", request.method, request.url.path, error_id, exc_info=exc)
+    return APIError(
+        500, f"internal error; the server log has it under {error_id}", code="internal_error"
+    ).response()
 
 
 def running_generator_replicas() -> int:

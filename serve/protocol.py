@@ -55,6 +55,7 @@ MAX_INFERENCE_STEPS = 100
 MAX_GUIDANCE_SCALE = 20.0
 MAX_MODEL_CHARS = 256
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # a brief with four 8 MB images is refused by the image limit
+MAX_JSON_DEPTH = 32  # our deepest request nests 5 levels; deeper is abuse (and Python's parser recurses)
 # The SDK's ``videos.poll`` waits this many milliseconds between retrieves when a response carries it.
 POLL_AFTER_HEADER = "openai-poll-after-ms"
 POLL_AFTER_MS = 500
@@ -331,10 +332,33 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_JSON_BODY_BYTES:
         raise APIError.too_large(f"request body is more than {MAX_JSON_BODY_BYTES} bytes")
+    too_deep = APIError.invalid(
+        f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+    )
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError.invalid(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # the C parser stops at the interpreter's recursion limit: never a 500
+        raise too_deep from None
+    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests lists and objects, counted without recursion and up to ``limit`` + 1."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            pending.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # Sentence ends: ASCII ones only before whitespace ("3.5 mm" stays whole); CJK ones and line breaks anywhere.

@@ -32,7 +32,6 @@ FOUR_SHOT_BRIEF = {
 }
 
 
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from shopreel.serve.runner import load_config, start
@@ -196,6 +195,30 @@ def test_bad_bodies_and_ids(http):
     assert http.get("/v1/videos", params={"limit": 0}).status_code == 400
     bad_brief = http.post("/v1/product-videos", json={"brief": {**FOUR_SHOT_BRIEF, "price": -1}})
     assert bad_brief.status_code == 400 and bad_brief.json()["error"]["param"] == "brief.price"
+
+
+def _nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,
+        b"[" * 5_000 + b"]" * 5_000,
+        json.dumps({"prompt": "mug", "extra": _nested(40)}).encode(),
+    ],
+    ids=["unclosed-100k", "closed-5k", "valid-but-40-deep"],
+)
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/product-videos"])
+def test_deeply_nested_json_is_a_400_never_a_500(http, path, body):
+    response = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
 
 
 def test_full_queue_answers_429_with_retry_after(http):

@@ -160,3 +160,36 @@ def test_every_response_says_how_long_the_ingress_spent_on_it():
     response = asyncio.run(call())
     name, _, duration = response.headers["server-timing"].partition(";dur=")
     assert name == "ingress" and 50 <= float(duration) < 5000
+
+
+def test_json_depth_counts_without_recursion_and_stops_past_the_limit():
+    from shopreel.serve.protocol import json_depth
+
+    assert json_depth({"brief": {"images": [{"data": "x"}]}}, 32) == 4
+    assert json_depth("text", 32) == 0
+    deep: list = []
+    for _ in range(200_000):  # far past Python's recursion limit
+        deep = [deep]
+    assert json_depth(deep, 32) == 33  # stopped one past the limit, whatever the real depth
+
+
+def test_an_unexpected_error_is_an_openai_500_whose_id_is_in_the_log(caplog):
+    from fastapi.testclient import TestClient
+
+    from shopreel.serve.app import api
+
+    async def broken() -> None:
+        raise RuntimeError("actor 7f3a on 10.0.0.12 ran out of memory")
+
+    api.add_api_route("/test-only/broken", broken)
+    try:
+        with caplog.at_level("ERROR", logger="shopreel.serve"):
+            response = TestClient(api, raise_server_exceptions=False).get("/test-only/broken")
+    finally:
+        api.router.routes = [r for r in api.router.routes if getattr(r, "path", "") != "/test-only/broken"]
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "internal_error" and error["type"] == "server_error"
+    assert "10.0.0.12" not in response.text and "actor" not in response.text  # internals stay in the log
+    error_id = error["message"].rsplit(" ", 1)[-1]
+    assert error_id.startswith("err_") and error_id in caplog.text and "10.0.0.12" in caplog.text
