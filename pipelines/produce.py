@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from .compose import ComposeResult, CompositionSession, Compositor
 from .generate import LatentGenerator
@@ -151,48 +151,69 @@ class LocalLatentSource:
         self.end_shot = end_shot
 
     async def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-        end = object()
+        def work(emit: Callable[[LatentChunk | DenoiseStep], None], stop: threading.Event) -> None:
+            def on_step(shot_index: int, step: int, steps: int) -> None:
+                if stop.is_set():
+                    raise _Cancelled
+                emit(DenoiseStep(shot_index, step, steps))
 
-        def on_step(shot_index: int, step: int, steps: int) -> None:
-            if cancelled.is_set():
-                raise _Cancelled
-            loop.call_soon_threadsafe(events.put_nowait, DenoiseStep(shot_index, step, steps))
+            chunks: Iterator[LatentChunk] = self.generator.generate(
+                order.storyboard,
+                request_id=order.request_id,
+                num_inference_steps=order.num_inference_steps,
+                guidance_scale=order.guidance_scale,
+                on_step=on_step,
+                start_shot=self.start_shot,
+                end_shot=self.end_shot,
+            )
+            for chunk in chunks:
+                chunk.timings["denoised_at"] = time.time()
+                emit(self.prepare(chunk) if self.prepare else chunk)
 
-        def work() -> None:
-            try:
-                chunks: Iterator[LatentChunk] = self.generator.generate(
-                    order.storyboard,
-                    request_id=order.request_id,
-                    num_inference_steps=order.num_inference_steps,
-                    guidance_scale=order.guidance_scale,
-                    on_step=on_step,
-                    start_shot=self.start_shot,
-                    end_shot=self.end_shot,
-                )
-                for chunk in chunks:
-                    chunk.timings["denoised_at"] = time.time()
-                    loop.call_soon_threadsafe(
-                        events.put_nowait, self.prepare(chunk) if self.prepare else chunk
-                    )
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming task below
-                loop.call_soon_threadsafe(events.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(events.put_nowait, end)
+        async for item in stream_from_thread(work, self.executor):
+            yield item
 
-        worker = loop.run_in_executor(self.executor, work)
+
+T = TypeVar("T")
+
+
+async def stream_from_thread(
+    work: Callable[[Callable[[T], None], threading.Event], None], executor: Executor | None = None
+) -> AsyncGenerator[T, None]:
+    """Run ``work(emit, stop)`` on ``executor``; yield what it emits as it emits it; raise what it raises.
+
+    The one bridge from a model's worker thread to an event loop. Closing the iterator sets ``stop``
+    (``work`` checks it between units of work) and waits for ``work`` to return, so the caller's
+    state is whole again when the iterator is closed.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+    stop = threading.Event()
+    end = object()
+
+    def emit(item: T) -> None:
+        loop.call_soon_threadsafe(items.put_nowait, (item, None))
+
+    def run() -> None:
         try:
-            while (item := await events.get()) is not end:
-                if isinstance(item, BaseException):
-                    if isinstance(item, _Cancelled):
-                        return
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            await asyncio.shield(worker)
+            work(emit, stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming task below
+            loop.call_soon_threadsafe(items.put_nowait, (end, exc))
+        else:
+            loop.call_soon_threadsafe(items.put_nowait, (end, None))
+
+    job = loop.run_in_executor(executor, run)
+    try:
+        while True:
+            item, error = await items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        await asyncio.shield(job)
 
 
 class LocalFrameRenderer:

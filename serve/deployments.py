@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +40,7 @@ from shopreel.pipelines.produce import (
     ProductionEvent,
     ProductionOrder,
     produce,
+    stream_from_thread,
 )
 from shopreel.pipelines.render import StreamingRenderer
 from shopreel.pipelines.types import (
@@ -291,35 +292,20 @@ class RendererDeployment:
                 for stale in [k for k, held in self._shot_locks.items() if not held.locked()]:
                     del self._shot_locks[stale]
 
-    async def _decode_in_turn(
+    def _decode_in_turn(
         self, chunks: list[LatentChunk], rebuild_from: np.ndarray | None
     ) -> AsyncIterator[FrameChunk]:
         """Decode ``chunks`` in one executor job, handing each one's frames over as it is done."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Queue[FrameChunk | BaseException] = asyncio.Queue()
-        stop = threading.Event()
 
-        def work() -> None:
-            try:
-                if rebuild_from is not None:
-                    self._rebuild(chunks[0], rebuild_from)
-                for chunk in chunks:
-                    if stop.is_set():  # the caller went away: leave the cache after a whole chunk
-                        return
-                    loop.call_soon_threadsafe(done.put_nowait, self._render(chunk))
-            except BaseException as exc:  # noqa: BLE001 - raised to the caller below
-                loop.call_soon_threadsafe(done.put_nowait, exc)
+        def work(emit: Callable[[FrameChunk], None], stop: threading.Event) -> None:
+            if rebuild_from is not None:
+                self._rebuild(chunks[0], rebuild_from)
+            for chunk in chunks:
+                if stop.is_set():  # the caller went away: leave the cache after a whole chunk
+                    return
+                emit(self._render(chunk))
 
-        job = loop.run_in_executor(self.executor, work)
-        try:
-            for _ in chunks:
-                item = await done.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            await asyncio.shield(job)  # the shot's state is whole again before its lock is released
+        return stream_from_thread(work, self.executor)
 
     def _count(self, frames: FrameChunk) -> FrameChunk:
         """Record a delivered chunk (not warm-up, not a rebuild's history pass)."""

@@ -332,18 +332,19 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_JSON_BODY_BYTES:
         raise APIError.too_large(f"request body is more than {MAX_JSON_BODY_BYTES} bytes")
-    too_deep = APIError.invalid(
-        f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
-    )
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError.invalid(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # the C parser stops at the interpreter's recursion limit: never a 500
-        raise too_deep from None
+        raise _too_deep() from None
     if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise too_deep
+        raise _too_deep()
     return data
+
+
+def _too_deep() -> APIError:
+    return APIError.invalid(f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
 
 
 def json_depth(value: Any, limit: int) -> int:
