@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import platform
 import tempfile
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import free_port, percentile
+from .common import free_port, percentile, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,10 +309,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     report = run(args.streams, args.jobs, args.postgres)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "admission.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "admission.md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_results(RESULTS, "admission", report, to_markdown(report))
 
 
 if __name__ == "__main__":

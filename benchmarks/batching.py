@@ -15,7 +15,6 @@ on a shared machine: compare them as a ratio, not as absolute figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import free_port
+from .common import free_port, write_results
 from .serving import BRIEF, stream_once, throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,10 +103,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["64x64", "128x128"])
     args = parser.parse_args()
     report = run(args.sizes, args.concurrency, args.videos)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "batching.md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_results(RESULTS, "batching", report, to_markdown(report))
 
 
 if __name__ == "__main__":

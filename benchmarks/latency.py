@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import free_port, percentile
+from .common import free_port, percentile, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BRIEF: dict[str, Any] = {
@@ -292,12 +291,9 @@ def main() -> None:
     if any(rate <= 0 for rate in args.rates) or any(c < 1 for c in args.concurrency) or args.duration <= 0:
         parser.error("rates and duration must be > 0, concurrency >= 1")
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "latency" if args.endpoint == "stream" else "latency_videos"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    write_results(args.out, stem, report, to_markdown(report))
     plot(report, args.out / f"{stem}.png")
-    print(to_markdown(report))
 
 
 if __name__ == "__main__":

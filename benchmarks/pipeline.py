@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .common import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLE_BRIEF = Path(__file__).resolve().parents[1] / "examples" / "brief_en.json"
 
@@ -126,11 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     report = run(args.sizes, args.repeats, args.steps, args.renderers)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (args.out / "pipeline.md").write_text(markdown)
-    print(markdown)
+    write_results(args.out, "pipeline", report, to_markdown(report))
 
 
 if __name__ == "__main__":

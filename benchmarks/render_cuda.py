@@ -17,11 +17,12 @@ random weights and latents, so treat it as indicative. Checks that the streaming
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
+
+from .common import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -172,11 +173,7 @@ def main() -> None:
         sys.exit("render_cuda: needs a CUDA GPU (none found)")
     width, height = (int(v) for v in args.size.split("x"))
     report = run(args.latent_frames, width, height, compile=args.compile, tensorrt=args.tensorrt)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "render_cuda.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (args.out / "render_cuda.md").write_text(markdown)
-    print(markdown)
+    write_results(args.out, "render_cuda", report, to_markdown(report))
 
 
 if __name__ == "__main__":

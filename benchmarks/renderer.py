@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .common import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -340,11 +342,8 @@ def main() -> None:
         print(json.dumps(measure_row(json.loads(args.row))))
         return
     report = run(args.frames, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "renderer.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "renderer.md").write_text(to_markdown(report))
+    write_results(args.out, "renderer", report, to_markdown(report))
     plot(report, args.out / "renderer.png")
-    print(to_markdown(report))
 
 
 if __name__ == "__main__":

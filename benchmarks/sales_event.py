@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -34,7 +33,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from .common import free_port, percentile
+from .common import free_port, percentile, write_results
 from .latency import BRIEF, one_stream
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -403,12 +402,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sales_event.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (args.out / "sales_event.md").write_text(markdown)
+    write_results(args.out, "sales_event", report, to_markdown(report))
     plot(report, args.out / "sales_event.png")
-    print(markdown)
 
 
 if __name__ == "__main__":

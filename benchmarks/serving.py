@@ -17,7 +17,6 @@ run with each other: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import free_port
+from .common import free_port, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BRIEF: dict[str, Any] = {
@@ -257,12 +256,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     report = run(args.repeats, args.videos, args.concurrency, args.sizes, args.serve_modes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (args.out / "serving.md").write_text(markdown)
+    write_results(args.out, "serving", report, to_markdown(report))
     plot(report, args.out / "serving.png")
-    print(markdown)
 
 
 if __name__ == "__main__":

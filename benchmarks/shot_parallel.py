@@ -14,7 +14,6 @@ other on a shared machine: compare medians, not single runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import free_port
+from .common import free_port, write_results
 from .serving import BRIEF, stream_once
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,10 +107,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128x128", "256x256"])
     args = parser.parse_args()
     report = run(args.sizes, args.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "shot_parallel.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "shot_parallel.md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_results(RESULTS, "shot_parallel", report, to_markdown(report))
 
 
 if __name__ == "__main__":
