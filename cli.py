@@ -408,6 +408,10 @@ def serve(
     except (TimeoutError, ValueError, ConnectionError) as exc:
         raise _fail(f"could not start: {exc}") from None
     typer.echo(f"shopreel is serving at {server.url}  (OpenAI API: {server.url}/v1, Ctrl-C stops)")
+    if not settings.auth.enabled:
+        from .serve.auth import AUTH_OFF_WARNING
+
+        console.print(f"[bold yellow]warning:[/] {AUTH_OFF_WARNING}", highlight=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -427,6 +431,12 @@ def remote(
     profile: Annotated[Path | None, typer.Option(help="shopper profile JSON")] = None,
     campaign: Annotated[Path | None, typer.Option(help="campaign JSON (e.g. 11.11)")] = None,
     wait: Annotated[float, typer.Option(help="seconds to wait for the server to become ready")] = 0.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SHOPREEL_API_KEY", help="API key, where the server requires one", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Make a product video on a running server: streams fMP4 from POST /v1/product-videos to a file."""
     import time
@@ -442,7 +452,8 @@ def remote(
     except UserError as exc:
         raise _fail(str(exc)) from None
     deadline = time.monotonic() + wait
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=900.0)) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=900.0), headers=headers) as client:
         while True:
             try:
                 if client.get("/readyz").status_code == 200:
@@ -485,6 +496,166 @@ def remote(
         f"from {url}: first bytes after {first_byte or 0:.2f} s, done after {total:.2f} s; "
         f"download again: GET {url}/v1/videos/{video_id}/content"
     )
+
+
+# --- API keys and tenants (in the job store the cluster uses) -------------------------------------
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create, list, revoke (stored hashed).")
+tenants_app = typer.Typer(no_args_is_help=True, help="Tenants' quotas: jobs, streams, videos/min, bytes.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="the server's ServeConfig (YAML/JSON or Serve config file)")
+]
+DataDirOption = Annotated[Path | None, typer.Option(help="the server's --data-dir (its SQLite job store)")]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="job store URL (sqlite:///PATH, postgresql://...); default: the config's, $SHOPREEL_JOBS_STORE",
+    ),
+]
+
+
+def _job_store(config: Path | None, data_dir: Path | None, store: str | None) -> Any:
+    """The job store a server with these options uses (keys and quotas live there)."""
+    from .serve.runner import load_config
+    from .serve.store_url import open_job_store
+
+    try:
+        settings = load_config(
+            config, **{"jobs.data_dir": str(data_dir) if data_dir else None, "jobs.store": store}
+        )
+        return open_job_store(settings.jobs.store_url())
+    except ValidationError as exc:
+        raise _fail(f"bad serve config: {exc.errors(include_url=False)[0]['msg']}") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _fail(f"cannot open the job store: {exc}") from None
+
+
+def _check_tenant(tenant: str) -> None:
+    import re
+
+    from .serve.config import TENANT_PATTERN
+
+    if re.fullmatch(TENANT_PATTERN, tenant) is None:
+        raise _fail(f"tenant {tenant!r}: use 1-64 of a-z 0-9 . _ - (starting with a letter or digit)")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant whose videos the key makes and sees")],
+    admin: Annotated[bool, typer.Option("--admin", help="may also use the admin API")] = False,
+    label: Annotated[str | None, typer.Option(help="a note to tell keys apart (who holds it)")] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Create a key and print it (stdout, once: only its hash is kept)."""
+    from .serve.auth import new_key
+
+    _check_tenant(tenant)
+    if label is not None and len(label) > 200:
+        raise _fail("label: at most 200 characters")
+    created = new_key(tenant, "admin" if admin else "user", label)
+    with _job_store(config, data_dir, store) as jobs:
+        jobs.create_key(created.record, created.secret_sha256)
+    console.print(
+        f"created {created.record.id} ({created.record.role}) for tenant {tenant}; "
+        "keep the key now: it is not shown again",
+        highlight=False,
+        soft_wrap=True,
+    )
+    typer.echo(created.secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    store: StoreOption = None,
+) -> None:
+    """List keys (never their secrets), revoked ones included."""
+    from datetime import datetime, timezone
+
+    with _job_store(config, data_dir, store) as jobs:
+        keys = jobs.api_keys(tenant)
+    if as_json:
+        for key in keys:
+            typer.echo(key.model_dump_json())
+        return
+
+    def when(seconds: int | None) -> str:
+        if seconds is None:
+            return "-"
+        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+    typer.echo(f"{'id':<16} {'tenant':<20} {'role':<6} {'created (UTC)':<17} {'revoked (UTC)':<17} label")
+    for key in keys:
+        typer.echo(
+            f"{key.id:<16} {key.tenant:<20} {key.role:<6} {when(key.created_at):<17} "
+            f"{when(key.revoked_at):<17} {key.label or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (key_...), as `keys list` shows it")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Revoke a key: every replica refuses it within auth.key_cache_s, no restart needed."""
+    with _job_store(config, data_dir, store) as jobs:
+        revoked = jobs.revoke_key(key_id)
+    if revoked is None:
+        raise _fail(f"no key {key_id!r} (shopreel keys list shows the ids)")
+    typer.echo(f"revoked {key_id}" if revoked else f"{key_id} was already revoked")
+
+
+@tenants_app.command("set")
+def tenants_set(
+    tenant: Annotated[str, typer.Argument(help="tenant name")],
+    max_jobs: Annotated[int | None, typer.Option(help="queued + running jobs at once")] = None,
+    max_streams: Annotated[int | None, typer.Option(help="streaming + sync videos at once")] = None,
+    videos_per_minute: Annotated[int | None, typer.Option(help="videos accepted per rolling minute")] = None,
+    max_stored_bytes: Annotated[int | None, typer.Option(help="bytes of finished videos kept")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="drop its own quotas: the defaults apply")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Set a tenant's quotas (unset ones: no limit for this tenant); takes effect without a restart."""
+    from .pipelines.types import describe_validation_error
+    from .serve.config import TenantQuotas
+
+    _check_tenant(tenant)
+    given = {"max_jobs": max_jobs, "max_streams": max_streams, "videos_per_minute": videos_per_minute}
+    given["max_stored_bytes"] = max_stored_bytes
+    if clear and any(value is not None for value in given.values()):
+        raise _fail("--clear takes no quota options")
+    try:
+        quotas = None if clear else TenantQuotas(**given)
+    except ValidationError as exc:
+        raise _fail("; ".join(describe_validation_error(exc))) from None
+    with _job_store(config, data_dir, store) as jobs:
+        jobs.set_tenant_quotas(tenant, quotas)
+    typer.echo(f"{tenant}: " + ("default quotas" if quotas is None else quotas.describe()))
+
+
+@tenants_app.command("list")
+def tenants_list(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Tenants with their own quotas (others run under the config's auth.default_quotas)."""
+    with _job_store(config, data_dir, store) as jobs:
+        for tenant, quotas in jobs.tenants():
+            typer.echo(f"{tenant}: {quotas.describe()}")
 
 
 @app.command("export-tiny")

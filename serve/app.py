@@ -11,9 +11,8 @@ logged.
 """
 
 import asyncio
-import hmac
 import logging
-import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
@@ -33,7 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shopreel.pipelines.presets import resolve_preset
 
-from .config import SalesEvent, ServeConfig
+from .auth import AUTH_OFF_WARNING, Authenticator, AuthError, KeyRole, Principal, new_key
+from .config import TENANT_PATTERN, SalesEvent, ServeConfig, TenantQuotas
 from .deployments import CompositorDeployment, GeneratorDeployment, PlannerDeployment, RendererDeployment
 from .jobs import FragmentListener, JobService
 from .metrics import CONTENT_TYPE, ServingMetrics
@@ -103,6 +103,12 @@ async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
+@api.exception_handler(AuthError)
+async def _auth_error(_request: Request, exc: AuthError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return APIError(exc.status, exc.message, code=exc.code, headers=headers).response()
+
+
 @api.exception_handler(RequestValidationError)
 async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
@@ -123,6 +129,21 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return APIError(
         500, f"internal error; the server log has it under {error_id}", code="internal_error"
     ).response()
+
+
+class NewKeyRequest(BaseModel):
+    """``POST /admin/keys``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(pattern=TENANT_PATTERN)
+    role: KeyRole = "user"
+    label: str | None = Field(default=None, max_length=200)
+
+
+def _expired(record: JobRecord) -> bool:
+    """Past ``expires_at``: answered as gone before the sweeper has deleted it."""
+    return record.expires_at is not None and record.expires_at <= time.time()
 
 
 def running_generator_replicas() -> int:
@@ -157,6 +178,9 @@ class Ingress:
         self.jobs = open_job_store(config.jobs.store_url(), pool_size=config.jobs.store_pool_size)
         self.videos = VideoStore(config.jobs.videos_path())
         self.metrics = ServingMetrics()
+        self.auth = Authenticator(config.auth, self.jobs, config.admin_key_env)
+        if not config.auth.enabled:
+            logger.warning(AUTH_OFF_WARNING)
         self.service = JobService(
             config,
             planner=planner,
@@ -211,7 +235,8 @@ class Ingress:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        await self._principal(request)
         # What one renderer replica actually runs (auto may have picked torch); the config if none answers.
         renderer: dict[str, Any] = {"requested": self.config.pipeline.render.backend}
         try:
@@ -239,27 +264,35 @@ class Ingress:
 
     @api.post("/v1/videos")
     async def create_video(self, request: Request) -> JSONResponse:
+        principal = await self._principal(request)
         self.service.refuse_if_full("job")  # a burst's refusals cost no body parsing either
         create = await self._read_create_request(request)
         job_request, model = self._job_from_prompt(create)
         self._ensure_started()
-        record, _ = await self.service.accept(job_request, prompt=create.prompt, model=model, kind="job")
+        record, _ = await self.service.accept(
+            job_request, prompt=create.prompt, model=model, kind="job", principal=principal
+        )
         return JSONResponse(video_object(record))
 
     @api.get("/v1/videos")
     async def list_videos(self, request: Request) -> dict[str, Any]:
+        principal = await self._principal(request)
         query = VideoListQuery.from_query(request.query_params)
         try:
             records, has_more = await asyncio.to_thread(
-                self.jobs.list, after=query.after, limit=query.limit, order=query.order
+                self.jobs.list,
+                after=query.after,
+                limit=query.limit,
+                order=query.order,
+                tenant=principal.tenant,
             )
         except KeyError:
             raise APIError.invalid(f"no video with id {query.after!r} to list after", "after") from None
         return list_page(records, has_more)
 
     @api.get("/v1/videos/{video_id}")
-    async def retrieve_video(self, video_id: str) -> JSONResponse:
-        record = await self._record(video_id)
+    async def retrieve_video(self, request: Request, video_id: str) -> JSONResponse:
+        record = await self._record(video_id, await self._principal(request))
         body = video_object(record)
         body["shopreel"] = {
             "num_frames": record.num_frames,
@@ -272,14 +305,16 @@ class Ingress:
         return JSONResponse(body, headers=headers)
 
     @api.delete("/v1/videos/{video_id}")
-    async def delete_video(self, video_id: str) -> dict[str, Any]:
-        await self._record(video_id)
+    async def delete_video(self, request: Request, video_id: str) -> dict[str, Any]:
+        await self._record(video_id, await self._principal(request))
         await self.service.delete(video_id)
         return deleted_object(video_id)
 
     @api.get("/v1/videos/{video_id}/content")
-    async def video_content(self, video_id: str, variant: str | None = None) -> FileResponse:
-        record = await self._record(video_id)
+    async def video_content(
+        self, request: Request, video_id: str, variant: str | None = None
+    ) -> FileResponse:
+        record = await self._record(video_id, await self._principal(request))
         kind = content_variant(variant)
         if record.status != "completed" or not self.videos.exists(video_id, kind):
             raise APIError(
@@ -292,16 +327,17 @@ class Ingress:
 
     @api.post("/v1/videos/sync")
     async def create_video_sync(self, request: Request) -> Response:
+        principal = await self._principal(request)
         self.service.refuse_if_full("sync")
         create = await self._read_create_request(request)
         job_request, model = self._job_from_prompt(create)
         self._ensure_started()
         record, production = await self.service.accept(
-            job_request, prompt=create.prompt, model=model, kind="sync"
+            job_request, prompt=create.prompt, model=model, kind="sync", principal=principal
         )
         # Shielded: a client that goes away does not stop the production; the video stays by id.
         await asyncio.shield(self.service.start_production(record, production))
-        final = await self._record(record.id)
+        final = await self._record(record.id, principal)
         if final.status != "completed":
             raise not_produced(final)
         return FileResponse(
@@ -312,6 +348,7 @@ class Ingress:
 
     @api.post("/v1/product-videos")
     async def product_video(self, request: Request) -> Response:
+        principal = await self._principal(request)
         data = await read_json(request)
         # Refused before validating the brief: the cheapest refusal is the one that reads least.
         if isinstance(data, dict):
@@ -322,7 +359,13 @@ class Ingress:
         kind = "stream" if body.stream else "job"
         self._ensure_started()
         record, production = await self.service.accept(
-            body.job_request(), prompt=None, model=model, audio=body.audio, kind=kind, priority=body.priority
+            body.job_request(),
+            prompt=None,
+            model=model,
+            audio=body.audio,
+            kind=kind,
+            priority=body.priority,
+            principal=principal,
         )
         if not body.stream:
             return JSONResponse(video_object(record))
@@ -333,7 +376,7 @@ class Ingress:
         # status; a failure after that aborts the response (no final chunk), which clients see as one.
         first = await listener.get()
         if first is None or isinstance(first, BaseException):
-            raise not_produced(await self._record(record.id))
+            raise not_produced(await self._record(record.id, principal))
         first_fragment: bytes = first
 
         async def fragments() -> AsyncIterator[bytes]:
@@ -360,7 +403,7 @@ class Ingress:
 
     @api.get("/admin/events")
     async def list_events(self, request: Request) -> dict[str, Any]:
-        self._require_admin(request)
+        await self._admin(request)
         stored = await asyncio.to_thread(self.jobs.events)
         now = datetime.now(timezone.utc)
         listed = [(event, "config") for event in self.config.events] + [(event, "admin") for event in stored]
@@ -379,7 +422,7 @@ class Ingress:
     @api.post("/admin/events")
     async def put_event(self, request: Request) -> dict[str, Any]:
         """Add (or replace, by name) a sales event; the autoscalers see it within a few seconds."""
-        self._require_admin(request)
+        await self._admin(request)
         try:
             event = SalesEvent.model_validate(await read_json(request))
         except ValidationError as exc:
@@ -391,25 +434,89 @@ class Ingress:
 
     @api.delete("/admin/events/{name}")
     async def delete_event(self, request: Request, name: str) -> dict[str, Any]:
-        self._require_admin(request)
+        await self._admin(request)
         self._refuse_config_event(name)
         if not await asyncio.to_thread(self.jobs.delete_event, name):
             raise APIError.not_found(f"no sales event named {name!r}", "name")
         logger.info("admin: sales event %s deleted", name)
         return {"name": name, "deleted": True}
 
-    def _require_admin(self, request: Request) -> None:
-        """The admin API needs ``Authorization: Bearer <key>``, the key from ``$<admin_key_env>``."""
-        key = os.environ.get(self.config.admin_key_env, "")
-        if not key:
-            raise APIError(
-                403, f"the admin API is off: set ${self.config.admin_key_env}", code="admin_disabled"
-            )
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise APIError(
-                401, "a valid admin key is required (Authorization: Bearer ...)", code="invalid_api_key"
-            )
+    # --- admin: API keys and tenants' quotas -----------------------------------------------------
+
+    @api.get("/admin/keys")
+    async def list_keys(self, request: Request, tenant: str | None = None) -> dict[str, Any]:
+        await self._admin(request)
+        keys = await asyncio.to_thread(self.jobs.api_keys, tenant)
+        return {"object": "list", "data": [key.model_dump(mode="json") for key in keys]}
+
+    @api.post("/admin/keys")
+    async def create_key(self, request: Request) -> dict[str, Any]:
+        """Create a key for a tenant; the answer carries the key, which is never shown again."""
+        await self._admin(request)
+        try:
+            wanted = NewKeyRequest.model_validate(await read_json(request))
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+        created = new_key(wanted.tenant, wanted.role, wanted.label)
+        await asyncio.to_thread(self.jobs.create_key, created.record, created.secret_sha256)
+        logger.info("admin: key %s (%s) created for tenant %s", created.record.id, wanted.role, wanted.tenant)
+        return {**created.record.model_dump(mode="json"), "key": created.secret}
+
+    @api.delete("/admin/keys/{key_id}")
+    async def revoke_key(self, request: Request, key_id: str) -> dict[str, Any]:
+        await self._admin(request)
+        revoked = await asyncio.to_thread(self.jobs.revoke_key, key_id)
+        if revoked is None:
+            raise APIError.not_found(f"no API key {key_id!r}", "key_id")
+        logger.info("admin: key %s revoked", key_id)
+        return {"id": key_id, "revoked": True}
+
+    @api.get("/admin/tenants")
+    async def list_tenants(self, request: Request) -> dict[str, Any]:
+        await self._admin(request)
+        tenants = await asyncio.to_thread(self.jobs.tenants)
+        return {
+            "object": "list",
+            "default_quotas": self.config.auth.default_quotas.model_dump(),
+            "data": [{"name": name, "quotas": quotas.model_dump()} for name, quotas in tenants],
+        }
+
+    @api.put("/admin/tenants/{name}")
+    async def set_tenant(self, request: Request, name: str) -> dict[str, Any]:
+        """Set a tenant's own quotas (every replica applies them within ``auth.key_cache_s``)."""
+        await self._admin(request)
+        if re.fullmatch(TENANT_PATTERN, name) is None:
+            raise APIError.invalid(f"tenant {name!r}: 1-64 of a-z 0-9 . _ -", "name")
+        try:
+            quotas = TenantQuotas.model_validate(await read_json(request))
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+        await asyncio.to_thread(self.jobs.set_tenant_quotas, name, quotas)
+        logger.info("admin: tenant %s quotas: %s", name, quotas.describe())
+        return {"name": name, "quotas": quotas.model_dump()}
+
+    @api.delete("/admin/tenants/{name}")
+    async def clear_tenant(self, request: Request, name: str) -> dict[str, Any]:
+        await self._admin(request)
+        await asyncio.to_thread(self.jobs.set_tenant_quotas, name, None)
+        return {"name": name, "quotas": self.config.auth.default_quotas.model_dump(), "default": True}
+
+    # --- who is asking --------------------------------------------------------------------------
+
+    async def _principal(self, request: Request) -> Principal:
+        """The request's tenant (401 without a valid key while authentication is on)."""
+        try:
+            return await asyncio.to_thread(self.auth.principal, request.headers.get("authorization"))
+        except AuthError:
+            self.metrics.refused("unauthorized")
+            raise
+
+    async def _admin(self, request: Request) -> Principal:
+        try:
+            return await asyncio.to_thread(self.auth.admin, request.headers.get("authorization"))
+        except AuthError:
+            self.metrics.refused("unauthorized")
+            raise
 
     def _refuse_config_event(self, name: str) -> None:
         if any(event.name == name for event in self.config.events):
@@ -446,9 +553,10 @@ class Ingress:
             )
         return self.config.model_name
 
-    async def _record(self, video_id: str) -> JobRecord:
+    async def _record(self, video_id: str, principal: Principal) -> JobRecord:
+        """The principal's video; another tenant's answers 404 as if it did not exist."""
         record = await asyncio.to_thread(self.jobs.get, video_id) if is_video_id(video_id) else None
-        if record is None:
+        if record is None or record.tenant != principal.tenant or _expired(record):
             raise APIError.not_found(f"no video with id {video_id!r}", "video_id")
         return record
 

@@ -20,6 +20,7 @@ from shopreel.pipelines.config import PipelineConfig
 
 JOBS_STORE_ENV = "SHOPREEL_JOBS_STORE"
 STAGES = ("planner", "generator", "renderer", "compositor", "ingress")
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
 class _Config(BaseModel):
@@ -111,6 +112,43 @@ class SalesEvent(_Config):
         """The stage's replica floor while this event raises floors, within [min, max] replicas."""
         wanted = self.floors.get(stage, math.ceil(max(min_replicas, 1) * self.peak_multiplier))
         return max(min_replicas, min(max_replicas, wanted))
+
+
+class TenantQuotas(_Config):
+    """What one tenant may use at once; ``None``: no limit of its own (the cluster's limits still hold)."""
+
+    max_jobs: int | None = Field(default=None, ge=1, le=100_000, description="queued + running jobs at once")
+    max_streams: int | None = Field(
+        default=None, ge=1, le=100_000, description="streaming + sync videos in production at once"
+    )
+    videos_per_minute: int | None = Field(
+        default=None, ge=1, le=100_000, description="videos accepted per rolling minute, of every kind"
+    )
+    max_stored_bytes: int | None = Field(
+        default=None, ge=1, le=2**53, description="bytes of finished videos kept (freed by delete or expiry)"
+    )
+
+    def describe(self) -> str:
+        limits = [f"{name}={value}" for name, value in self.model_dump().items() if value is not None]
+        return ", ".join(limits) or "no limits of its own"
+
+
+class AuthSettings(_Config):
+    """API keys and tenants (serve/auth.py). Off for the embedded quick start; on in deploy/."""
+
+    enabled: bool = Field(
+        default=False,
+        description="require an API key (Authorization: Bearer) on /v1; off: every request is tenant default",
+    )
+    key_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=300,
+        description="a replica re-reads a key and its quotas after this long (the revocation delay)",
+    )
+    default_quotas: TenantQuotas = Field(
+        default_factory=TenantQuotas, description="quotas of tenants without their own (shopreel tenants set)"
+    )
 
 
 class DeploymentSettings(_Config):
@@ -234,7 +272,18 @@ class JobSettings(_Config):
         description="after the store refuses a slot, a replica refuses that kind itself for this long "
         "(a burst's refusals cost no store round trip; it never admits on its own); 0: always ask the store",
     )
-    video_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="expires_at horizon")
+    video_ttl_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="a finished video expires this long after it completed (a failed one: after it was made)",
+    )
+    expiry_sweep_s: float = Field(
+        default=60.0,
+        ge=0.1,
+        le=86_400,
+        description="how often each ingress replica deletes expired videos: files, then records",
+    )
 
     @model_validator(mode="after")
     def _reserve_below_limit(self) -> JobSettings:
@@ -323,10 +372,11 @@ class ServeConfig(_Config):
         max_length=256,
         description="sales events known in advance (more can be added at run time: POST /admin/events)",
     )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys, tenants and quotas")
     admin_key_env: str = Field(
         default="SHOPREEL_ADMIN_KEY",
         pattern=r"^[A-Z_][A-Z0-9_]*$",
-        description="environment variable holding the admin API key; unset: the admin API is off",
+        description="environment variable holding a bootstrap admin API key (besides stored admin keys)",
     )
 
     @field_validator("events")

@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from shopreel.pipelines.produce import Fragment, Produced, ProductionOrder, ProductionProgress
 from shopreel.pipelines.types import Storyboard
 
+from .auth import ANONYMOUS, Principal
 from .config import ServeConfig
 from .metrics import ServingMetrics
 from .protocol import APIError, AudioChoice, JobRequest, overloaded
@@ -45,6 +46,7 @@ from .store import (
     JobRecord,
     JobStore,
     ProductionKind,
+    QuotaExceeded,
     VideoStore,
     new_video_id,
 )
@@ -54,6 +56,7 @@ logger = logging.getLogger("shopreel.serve")
 MAX_RETRY_AFTER_S = 600.0  # a predicted wait longer than this is no longer a useful hint
 STORE_GAUGES_PERIOD_S = 2.0  # how often an ingress replica samples the shared queue for its gauges
 DRAIN_RATE_TTL_S = 2.0  # a refusal's Retry-After reuses a drain rate read this recently
+EXPIRY_BATCH = 200  # videos one sweep deletes at most (the next sweep takes the rest)
 
 # A streaming request's end of a production: fMP4 fragments, then None; an exception if it failed.
 FragmentListener: TypeAlias = asyncio.Queue[bytes | BaseException | None]
@@ -106,6 +109,24 @@ def failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
     if replica_lost(cause) or isinstance(cause, StageUnavailable):  # idempotent: it is produced again
         return "stage_unavailable", f"a stage replica was lost while producing video {video_id}; retry later"
     return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
+
+
+QUOTA_MESSAGES = {
+    "max_jobs": "jobs queued or running",
+    "max_streams": "videos streaming",
+    "videos_per_minute": "videos in the last minute",
+    "max_stored_bytes": "bytes of videos stored",
+}
+
+
+def quota_refusal(exc: QuotaExceeded, default_retry_after_s: float) -> APIError:
+    """A tenant's quota answer: 429 with ``Retry-After`` (when the quota frees, where the store knows)."""
+    retry_after_s = exc.retry_after_s if exc.retry_after_s is not None else default_retry_after_s
+    message = f"quota {exc.quota}: {exc.used} {QUOTA_MESSAGES[exc.quota]}, your tenant's limit is {exc.limit}"
+    if exc.quota == "max_stored_bytes":
+        message += "; delete videos (DELETE /v1/videos/{id}) or wait for them to expire"
+    code = "insufficient_quota" if exc.quota == "max_stored_bytes" else "rate_limit_exceeded"
+    return APIError.overloaded(message, max(1.0, retry_after_s), status_code=429, code=code)
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,7 @@ class JobService:
                 asyncio.create_task(self._worker()) for _ in range(self.config.jobs.concurrency)
             ]
             self._background.append(asyncio.create_task(self._report_store()))
+            self._background.append(asyncio.create_task(self._sweep_periodically()))
             if self.running_generators is not None and self.config.jobs.streams_per_generator_replica:
                 self._background.append(asyncio.create_task(self._follow_capacity()))
 
@@ -190,10 +212,12 @@ class JobService:
         prompt: str | None,
         model: str,
         kind: ProductionKind,
+        principal: Principal = ANONYMOUS,
         audio: AudioChoice = "bed",
         priority: JobPriority = "normal",
     ) -> tuple[JobRecord, ProductionRequest]:
-        """Admit, plan (a bad brief is a 400 before anything is stored), and record the video.
+        """Admit, plan (a bad brief is a 400 before anything is stored), and record the video as the
+        principal's tenant's (under the tenant's quotas).
 
         A job joins the shared queue; a stream or sync video is recorded as started by this replica,
         under a lease, and keeps its stream slot until its production ends.
@@ -202,7 +226,7 @@ class JobService:
         video_id = new_video_id()
         if priority == "bulk" and kind != "job":
             raise APIError.invalid("priority 'bulk' is for jobs (stream: false)", "priority")
-        await self._admit(video_id, kind, priority)
+        await self._admit(video_id, kind, priority, principal)
         try:
             started = time.perf_counter()
             try:
@@ -233,6 +257,7 @@ class JobService:
                 request=production.to_record_json(),
                 num_frames=storyboard.total_frames,
                 priority=priority,
+                tenant=principal.tenant,
             )
             if kind == "job":
                 record = await asyncio.to_thread(self.jobs.enqueue, record)
@@ -294,8 +319,11 @@ class JobService:
             return float(settings.retry_after_s)  # nothing finished lately: no rate to go by
         return min(MAX_RETRY_AFTER_S, max(1.0, waiting / rate))
 
-    async def _admit(self, video_id: str, kind: ProductionKind, priority: JobPriority) -> None:
-        """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full.
+    async def _admit(
+        self, video_id: str, kind: ProductionKind, priority: JobPriority, principal: Principal
+    ) -> None:
+        """Take a cluster-wide slot before any model work: 429 (queue) / 503 (streams) when full, 429
+        when the tenant is past one of its own quotas.
 
         Classes share their kind's slots under different limits (``JobSettings.limit_of``), so as the
         slots fill, bulk jobs are refused before normal ones and sync requests before streams.
@@ -304,8 +332,12 @@ class JobService:
         settings = self.config.jobs
         slot, admission_class = _slot_of(kind), _class_of(kind, priority)
         limit = settings.limit_of(admission_class, self.generator_replicas)
+        admit = functools.partial(self.jobs.admit, tenant=principal.tenant, quotas=principal.quotas)
         try:
-            await asyncio.to_thread(self.jobs.admit, video_id, slot, limit, settings.lease_s)
+            await asyncio.to_thread(admit, video_id, slot, limit, settings.lease_s)
+        except QuotaExceeded as exc:
+            self.metrics.refused("quota_exceeded")
+            raise quota_refusal(exc, settings.retry_after_s) from None
         except AdmissionRefused as exc:
             # This request waits for every video over the limit, and then one more, to finish.
             retry_after_s = await asyncio.to_thread(self._retry_after, slot, exc.count - limit + 1)
@@ -395,6 +427,35 @@ class JobService:
                 logger.warning("reading the job store's counts failed", exc_info=True)
             await asyncio.sleep(STORE_GAUGES_PERIOD_S)
 
+    # --- expiry ---------------------------------------------------------------------------------
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.jobs.expiry_sweep_s)
+            try:
+                await self.sweep_expired()
+            except Exception:  # noqa: BLE001 - the store is briefly unreachable: sweep next time
+                logger.warning("deleting expired videos failed", exc_info=True)
+
+    async def sweep_expired(self) -> int:
+        """Delete videos past their expiry, files first: a crash halfway leaves a record the next sweep
+        finds, never files nothing points at. Every replica sweeps; deleting twice is harmless and a
+        video is counted by the replica whose delete removed its record."""
+        settings = self.config.jobs
+        expired = await asyncio.to_thread(self.jobs.expired, EXPIRY_BATCH, settings.video_ttl_s)
+        deleted, freed = 0, 0
+        for video_id, size in expired:
+            production = self.productions.pop(video_id, None)
+            if production is not None:  # only a failed job's leftovers could still be here
+                production.cancel()
+            await asyncio.to_thread(self.videos.delete, video_id)
+            if await asyncio.to_thread(self.jobs.delete, video_id):
+                deleted, freed = deleted + 1, freed + size
+        if deleted:
+            logger.info("expiry: deleted %d videos (%d bytes)", deleted, freed)
+            self.metrics.expired(deleted, freed)
+        return deleted
+
     # --- producing ------------------------------------------------------------------------------
 
     def start_production(
@@ -479,6 +540,7 @@ class JobService:
                     now = int(time.time())
                     await self._update_owned(
                         record.id,
+                        stored_bytes=len(event.mp4) + len(event.thumbnail),
                         status="completed",
                         progress=100,
                         completed_at=now,

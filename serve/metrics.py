@@ -56,6 +56,12 @@ class ServingMetrics:
         self.errors = Counter(
             "shopreel_errors_total", "Errors answered or met, by type", ["type"], registry=self.registry
         )
+        self.videos_expired = Counter(
+            "shopreel_videos_expired_total", "Expired videos deleted (files, record)", registry=self.registry
+        )
+        self.expired_bytes = Counter(
+            "shopreel_expired_bytes_total", "Bytes of expired videos deleted", registry=self.registry
+        )
         for kind in KINDS:
             self.in_flight.labels(kind=kind)
             self.cluster.set(sm.INGRESS_IN_FLIGHT, 0, kind=kind)  # the series exist before the first video
@@ -106,6 +112,14 @@ class ServingMetrics:
         self.cluster.set(sm.JOBS_QUEUED, counts["queued"])
         self.cluster.set(sm.JOBS_IN_PROGRESS, counts["in_progress"])
         self.cluster.set(sm.STREAMS_ADMITTED, counts.get("admitted_stream", 0))  # absent: none admitted
+        self.cluster.set(sm.STORED_BYTES, counts.get("stored_bytes", 0))
+
+    def expired(self, videos: int, size: int) -> None:
+        """The sweeper deleted ``videos`` expired videos of ``size`` bytes."""
+        self.videos_expired.inc(videos)
+        self.expired_bytes.inc(size)
+        self.cluster.inc(sm.INGRESS_EXPIRED_VIDEOS, videos)
+        self.cluster.inc(sm.INGRESS_EXPIRED_BYTES, size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

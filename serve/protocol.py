@@ -106,13 +106,19 @@ class APIError(Exception):
         return cls(404, message, param=param, code="not_found")
 
     @classmethod
-    def overloaded(cls, message: str, retry_after_s: float, status_code: Literal[429, 503] = 503) -> APIError:
-        """A full queue. The SDK retries 429/503 itself after ``retry-after-ms`` (else ``Retry-After``)."""
+    def overloaded(
+        cls,
+        message: str,
+        retry_after_s: float,
+        status_code: Literal[429, 503] = 503,
+        code: str = "queue_full",
+    ) -> APIError:
+        """A full queue or quota. The SDK retries 429/503 after ``retry-after-ms`` (else ``Retry-After``)."""
         headers = {
             "Retry-After": str(max(1, math.ceil(retry_after_s))),
             "retry-after-ms": str(round(retry_after_s * 1000)),
         }
-        return cls(status_code, message, code="queue_full", headers=headers)
+        return cls(status_code, message, code=code, headers=headers)
 
     @classmethod
     def from_validation_error(cls, exc: ValidationError, prefix: str = "") -> APIError:

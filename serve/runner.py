@@ -133,6 +133,10 @@ def start(
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_ready(url, ready_timeout_s)
+    if not config.auth.enabled:
+        from .auth import AUTH_OFF_WARNING
+
+        logger.warning(AUTH_OFF_WARNING)
     return RunningServer(url=url, embedded=embedded, config=config)
 
 

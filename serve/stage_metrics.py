@@ -112,7 +112,7 @@ GENERATOR_PENDING_SHOTS = Series(
 INGRESS_REFUSED = Series(
     "shopreel_ingress_refused",
     "counter",
-    "Requests refused by admission before any model work (reason: queue_full, overloaded)",
+    "Requests refused before any model work (reason: queue_full, overloaded, quota_exceeded, unauthorized)",
     labels=("reason",),
 )
 INGRESS_VIDEOS = Series(
@@ -141,6 +141,12 @@ INGRESS_FIRST_FRAGMENT_SECONDS = Series(
     VIDEO_BUCKETS,
 )
 INGRESS_FRAMES = Series("shopreel_ingress_frames", "counter", "Frames of completed videos")
+INGRESS_EXPIRED_VIDEOS = Series(
+    "shopreel_ingress_expired_videos", "counter", "Videos the replica's sweeper deleted after they expired"
+)
+INGRESS_EXPIRED_BYTES = Series(
+    "shopreel_ingress_expired_bytes", "counter", "Bytes of video files the replica's sweeper deleted"
+)
 # --- ingress: the shared job store (every ingress replica reports the same numbers) -------------
 JOBS_QUEUED = Series("shopreel_jobs_queued", "gauge", "Jobs in the job store waiting for a worker")
 JOBS_IN_PROGRESS = Series("shopreel_jobs_in_progress", "gauge", "Jobs in the job store being produced")
@@ -150,6 +156,7 @@ PENDING_LIMIT = Series(
 STREAMS_LIMIT = Series(
     "shopreel_streams_limit", "gauge", "max_streams: the streaming/sync productions allowed"
 )
+STORED_BYTES = Series("shopreel_stored_bytes", "gauge", "Bytes of finished videos in the video store")
 STREAMS_ADMITTED = Series(
     "shopreel_streams_admitted", "gauge", "Streaming/sync productions holding an admission slot"
 )
@@ -178,12 +185,15 @@ ALL_SERIES = (
     INGRESS_IN_FLIGHT,
     INGRESS_VIDEO_SECONDS,
     INGRESS_FIRST_FRAGMENT_SECONDS,
+    INGRESS_EXPIRED_VIDEOS,
+    INGRESS_EXPIRED_BYTES,
     INGRESS_FRAMES,
     JOBS_QUEUED,
     JOBS_IN_PROGRESS,
     PENDING_LIMIT,
     STREAMS_LIMIT,
     STREAMS_ADMITTED,
+    STORED_BYTES,
 )
 
 

@@ -33,7 +33,8 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict
 
-from .config import SalesEvent
+from .auth import ApiKey
+from .config import TENANT_PATTERN, SalesEvent, TenantQuotas
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 VideoVariant = Literal["video", "thumbnail"]
@@ -91,11 +92,13 @@ class JobRecord(BaseModel):
     kind: ProductionKind = Field(default="job", description="how it was asked for: queued job, stream, sync")
     attempts: int = Field(default=0, ge=0, description="productions started (a lost worker's job is retried)")
     priority: JobPriority = Field(default="normal", description="bulk: claimed after normal jobs")
+    tenant: str = Field(default="default", pattern=TENANT_PATTERN, description="whose video it is")
+    stored_bytes: int = Field(default=0, ge=0, description="bytes of its files in the video store")
 
 
 _COLUMNS = tuple(JobRecord.model_fields)
 _JSON_COLUMNS = ("error", "timings")
-_IMMUTABLE = frozenset({"id", "created_at", "kind"})
+_IMMUTABLE = frozenset({"id", "created_at", "kind", "tenant"})
 # One advisory lock serialises admission and claiming across every replica of the cluster.
 _ADMISSION_LOCK_KEY = 0x5E09_EE1
 
@@ -140,7 +143,27 @@ _SCHEMA_V3 = """
         spec TEXT NOT NULL
     )
 """
-SCHEMA_VERSION = 3
+_SCHEMA_V4 = """
+    ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE jobs ADD COLUMN stored_bytes BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE admissions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX jobs_by_tenant ON jobs (tenant, created_at, seq);
+    CREATE TABLE tenants (
+        name TEXT PRIMARY KEY,
+        quotas TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('user', 'admin')),
+        secret_sha256 TEXT NOT NULL,
+        label TEXT,
+        created_at BIGINT NOT NULL,
+        revoked_at BIGINT
+    )
+"""
+SCHEMA_VERSION = 4
+QUOTA_WINDOW_S = 60  # videos_per_minute counts the videos a tenant started in this rolling window
 
 
 class AdmissionRefused(Exception):
@@ -149,6 +172,14 @@ class AdmissionRefused(Exception):
     def __init__(self, kind: AdmissionKind, count: int, limit: int) -> None:
         super().__init__(f"{count} {kind} admissions held, limit {limit}")
         self.kind, self.count, self.limit = kind, count, limit
+
+
+class QuotaExceeded(Exception):
+    """A tenant's own quota is used up (``quota`` names it); ``retry_after_s`` when the store can tell."""
+
+    def __init__(self, quota: str, used: int, limit: int, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{quota}: {used} of {limit} used")
+        self.quota, self.used, self.limit, self.retry_after_s = quota, used, limit, retry_after_s
 
 
 @dataclass(frozen=True)
@@ -211,6 +242,8 @@ class JobStore(abc.ABC):
             self._apply(conn, _SCHEMA_V2)
         if version < 3:
             self._apply(conn, _SCHEMA_V3)
+        if version < 4:
+            self._apply(conn, _SCHEMA_V4)
 
     # -- records --------------------------------------------------------------------------------
 
@@ -272,26 +305,40 @@ class JobStore(abc.ABC):
         ).fetchone()
 
     def list(
-        self, after: str | None = None, limit: int = 20, order: ListOrder = "desc"
+        self,
+        after: str | None = None,
+        limit: int = 20,
+        order: ListOrder = "desc",
+        tenant: str | None = None,
     ) -> tuple[builtins.list[JobRecord], bool]:
         """One page of jobs in creation order, starting after the job ``after``; and whether more follow.
 
-        Raises ``KeyError`` when ``after`` names no job (e.g. it was deleted between two pages).
+        With ``tenant``, only that tenant's jobs; never expired ones. Raises ``KeyError`` when ``after``
+        names no listed job (e.g. it was deleted between two pages).
         """
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be 1..{MAX_LIST_LIMIT}, got {limit}")
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
         direction, compare = ("ASC", ">") if order == "asc" else ("DESC", "<")
-        params: tuple[Any, ...]
-        where, params = "", ()
+        # An expired video is gone for clients whether or not the sweeper has deleted it yet.
+        conditions: builtins.list[str] = ["(expires_at IS NULL OR expires_at > {now})"]
+        params: tuple[Any, ...] = ()
+        if tenant is not None:
+            conditions.append("tenant = ?")
+            params = (tenant,)
         with self._transaction() as conn:
             if after is not None:
-                cursor = self._run(conn, "SELECT created_at, seq FROM jobs WHERE id = ?", (after,)).fetchone()
+                cursor = self._run(
+                    conn,
+                    f"SELECT created_at, seq FROM jobs WHERE {' AND '.join(['id = ?', *conditions])}",
+                    (after, *params),
+                ).fetchone()
                 if cursor is None:
                     raise KeyError(after)
-                where = f"WHERE created_at {compare} ? OR (created_at = ? AND seq {compare} ?)"
-                params = (cursor["created_at"], cursor["created_at"], cursor["seq"])
+                conditions.append(f"(created_at {compare} ? OR (created_at = ? AND seq {compare} ?))")
+                params = (*params, cursor["created_at"], cursor["created_at"], cursor["seq"])
+            where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
             rows = self._run(
                 conn,
                 f"SELECT * FROM jobs {where} ORDER BY created_at {direction}, seq {direction} LIMIT ?",
@@ -304,9 +351,22 @@ class JobStore(abc.ABC):
             self._run(conn, "DELETE FROM admissions WHERE id = ?", (video_id,))
             return bool(self._run(conn, "DELETE FROM jobs WHERE id = ?", (video_id,)).rowcount > 0)
 
+    def expired(self, limit: int, failed_ttl_s: float) -> builtins.list[tuple[str, int]]:
+        """Up to ``limit`` videos past ``expires_at`` (failed ones, which have none: ``failed_ttl_s``
+        after they were made), oldest first, with their stored bytes."""
+        with self._transaction() as conn:
+            rows = self._run(
+                conn,
+                "SELECT id, stored_bytes FROM jobs WHERE expires_at <= {now}"
+                " OR (status = 'failed' AND expires_at IS NULL AND created_at <= {now} - ?)"
+                " ORDER BY created_at, seq LIMIT ?",
+                (failed_ttl_s, limit),
+            ).fetchall()
+        return [(row["id"], int(row["stored_bytes"])) for row in rows]
+
     def counts(self) -> dict[str, int]:
-        """Unfinished jobs per status (``queued``, ``in_progress``) plus live admissions per kind
-        (``admitted_job``, ``admitted_stream``). Finished jobs are not counted: the table keeps them."""
+        """Unfinished jobs per status (``queued``, ``in_progress``), live admissions per kind
+        (``admitted_job``, ``admitted_stream``) and the bytes of every stored video (``stored_bytes``)."""
         with self._transaction() as conn:
             rows = self._run(
                 conn,
@@ -316,9 +376,11 @@ class JobStore(abc.ABC):
             held = self._run(
                 conn, "SELECT kind, COUNT(*) AS n FROM admissions WHERE expires_at > {now} GROUP BY kind"
             ).fetchall()
+            stored = self._run(conn, "SELECT COALESCE(SUM(stored_bytes), 0) AS n FROM jobs").fetchone()
         counts: dict[str, int] = dict.fromkeys(UNFINISHED, 0)
         counts.update({row["status"]: int(row["n"]) for row in rows})
         counts.update({f"admitted_{row['kind']}": int(row["n"]) for row in held})
+        counts["stored_bytes"] = int(stored["n"])
         return counts
 
     # -- the sales-event calendar (events added at run time; the config's own are not stored) ------
@@ -342,10 +404,79 @@ class JobStore(abc.ABC):
             rows = self._run(conn, "SELECT spec FROM sales_events ORDER BY name").fetchall()
         return [SalesEvent.model_validate_json(row["spec"]) for row in rows]
 
+    # -- API keys and tenants' quotas (serve/auth.py) --------------------------------------------
+
+    def create_key(self, key: ApiKey, secret_sha256: str) -> None:
+        with self._transaction() as conn:
+            self._run(
+                conn,
+                "INSERT INTO api_keys (id, tenant, role, secret_sha256, label, created_at, revoked_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key.id, key.tenant, key.role, secret_sha256, key.label, key.created_at, key.revoked_at),
+            )
+
+    def find_key(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """The key and the SHA-256 of its secret, or ``None``."""
+        with self._transaction() as conn:
+            row = self._run(conn, "SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else (_key_from_row(row), row["secret_sha256"])
+
+    def api_keys(self, tenant: str | None = None) -> builtins.list[ApiKey]:
+        where, params = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
+        with self._transaction() as conn:
+            rows = self._run(
+                conn, f"SELECT * FROM api_keys {where} ORDER BY created_at, id", params
+            ).fetchall()
+        return [_key_from_row(row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> bool | None:
+        """Revoke a key: True; False if it already was; ``None`` if there is no such key."""
+        with self._transaction() as conn:
+            row = self._run(conn, "SELECT revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            if row["revoked_at"] is not None:
+                return False
+            self._run(conn, "UPDATE api_keys SET revoked_at = ? WHERE id = ?", (int(time.time()), key_id))
+        return True
+
+    def set_tenant_quotas(self, tenant: str, quotas: TenantQuotas | None) -> None:
+        """Give a tenant its own quotas; ``None``: the config's defaults apply again."""
+        with self._transaction() as conn:
+            if quotas is None:
+                self._run(conn, "DELETE FROM tenants WHERE name = ?", (tenant,))
+                return
+            self._run(
+                conn,
+                "INSERT INTO tenants (name, quotas) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET quotas = excluded.quotas",
+                (tenant, quotas.model_dump_json()),
+            )
+
+    def tenant_quotas(self, tenant: str) -> TenantQuotas | None:
+        with self._transaction() as conn:
+            row = self._run(conn, "SELECT quotas FROM tenants WHERE name = ?", (tenant,)).fetchone()
+        return None if row is None else TenantQuotas.model_validate_json(row["quotas"])
+
+    def tenants(self) -> builtins.list[tuple[str, TenantQuotas]]:
+        with self._transaction() as conn:
+            rows = self._run(conn, "SELECT name, quotas FROM tenants ORDER BY name").fetchall()
+        return [(row["name"], TenantQuotas.model_validate_json(row["quotas"])) for row in rows]
+
     # -- admission ------------------------------------------------------------------------------
 
-    def admit(self, video_id: str, kind: AdmissionKind, limit: int, hold_s: float) -> None:
-        """Take one cluster-wide slot before any model work, or raise ``AdmissionRefused``.
+    def admit(
+        self,
+        video_id: str,
+        kind: AdmissionKind,
+        limit: int,
+        hold_s: float,
+        *,
+        tenant: str = "default",
+        quotas: TenantQuotas | None = None,
+    ) -> None:
+        """Take one cluster-wide slot before any model work, or raise ``AdmissionRefused``; a tenant
+        past one of its ``quotas`` gets ``QuotaExceeded`` instead (checked first, in the same lock).
 
         ``stream``: one of ``limit`` concurrent sync/streaming productions, held (and renewed with
         ``renew``) until ``release``. ``job``: one of ``limit`` pending jobs; the slot is the job's
@@ -354,6 +485,8 @@ class JobStore(abc.ABC):
         """
         with self._transaction(exclusive=True) as conn:
             self._run(conn, "DELETE FROM admissions WHERE expires_at <= {now}")
+            if quotas is not None:
+                self._check_quotas(conn, kind, tenant, quotas)
             held = self._run(conn, "SELECT COUNT(*) AS n FROM admissions WHERE kind = ?", (kind,)).fetchone()
             count = int(held["n"])
             if kind == "job":
@@ -363,9 +496,56 @@ class JobStore(abc.ABC):
                 raise AdmissionRefused(kind, count, limit)
             self._run(
                 conn,
-                "INSERT INTO admissions (id, kind, expires_at) VALUES (?, ?, {now} + ?)",
-                (video_id, kind, hold_s),
+                "INSERT INTO admissions (id, kind, tenant, expires_at) VALUES (?, ?, ?, {now} + ?)",
+                (video_id, kind, tenant, hold_s),
             )
+
+    def _check_quotas(self, conn: Any, kind: AdmissionKind, tenant: str, quotas: TenantQuotas) -> None:
+        """Raise ``QuotaExceeded`` for the first of the tenant's quotas one more video would pass."""
+
+        def count(statement: str, *params: Any) -> Any:
+            return self._run(conn, statement, (tenant, *params)).fetchone()
+
+        if kind == "stream" and quotas.max_streams is not None:
+            streams = count("SELECT COUNT(*) AS n FROM admissions WHERE tenant = ? AND kind = 'stream'")
+            used = int(streams["n"])
+            if used >= quotas.max_streams:
+                raise QuotaExceeded("max_streams", used, quotas.max_streams)
+        if kind == "job" and quotas.max_jobs is not None:
+            queued = count(
+                "SELECT COUNT(*) AS n FROM jobs WHERE tenant = ? AND kind = 'job'"
+                " AND status IN ('queued', 'in_progress')"
+            )
+            planning = count("SELECT COUNT(*) AS n FROM admissions WHERE tenant = ? AND kind = 'job'")
+            used = int(queued["n"]) + int(planning["n"])
+            if used >= quotas.max_jobs:
+                raise QuotaExceeded("max_jobs", used, quotas.max_jobs)
+        if quotas.videos_per_minute is not None:
+            recent = count(
+                "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM jobs"
+                " WHERE tenant = ? AND created_at > {now} - ?",
+                QUOTA_WINDOW_S,
+            )
+            # Admitted and still planning: no record yet, but already one of this minute's videos.
+            planning = count(
+                "SELECT COUNT(*) AS n FROM admissions a WHERE a.tenant = ?"
+                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = a.id)"
+            )
+            used = int(recent["n"]) + int(planning["n"])
+            if used >= quotas.videos_per_minute:
+                oldest = recent["oldest"]
+                retry = None if oldest is None else float(oldest) + QUOTA_WINDOW_S - time.time()
+                raise QuotaExceeded("videos_per_minute", used, quotas.videos_per_minute, retry)
+        if quotas.max_stored_bytes is not None:
+            stored = count(
+                "SELECT COALESCE(SUM(stored_bytes), 0) AS n, MIN(expires_at) AS soonest FROM jobs"
+                " WHERE tenant = ? AND stored_bytes > 0"
+            )
+            used = int(stored["n"])
+            if used >= quotas.max_stored_bytes:
+                soonest = stored["soonest"]
+                retry = None if soonest is None else float(soonest) - time.time()
+                raise QuotaExceeded("max_stored_bytes", used, quotas.max_stored_bytes, retry)
 
     def drain_rate(self, kind: AdmissionKind, window_s: float) -> float:
         """Videos holding ``kind`` slots that completed per second over the last ``window_s``, cluster-wide:
@@ -533,6 +713,17 @@ def redact_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
+def _key_from_row(row: Any) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        role=row["role"],
+        label=row["label"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
 def _to_row(record: JobRecord) -> dict[str, Any]:
     row = record.model_dump()
     for name in _JSON_COLUMNS:
@@ -610,9 +801,10 @@ class VideoStore:
     def delete(self, video_id: str) -> bool:
         """Remove every variant (and any half-written temp file) of a video; False if there was none."""
         directory = self._dir(video_id)
-        if not directory.exists():
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:  # never written, or another replica's sweeper was first
             return False
-        shutil.rmtree(directory)
         return True
 
 

@@ -131,3 +131,55 @@ def test_remote_without_a_server_is_a_clear_error(tmp_path):
     brief.write_text('{"title": "Mug"}')
     result = runner.invoke(app, ["remote", str(brief), "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 2 and "no shopreel server at http://127.0.0.1:9" in result.output
+
+
+def test_keys_are_created_listed_and_revoked_in_the_servers_store(tmp_path):
+    from shopreel.serve.auth import Authenticator, AuthError
+    from shopreel.serve.config import AuthSettings
+    from shopreel.serve.store import SqliteJobStore
+
+    store = ["--data-dir", str(tmp_path)]
+    created = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--label", "web shop", *store])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip()  # stdout holds the key alone: `KEY=$(shopreel keys create ...)`
+    assert key.startswith("sr-") and "\n" not in key and "not shown again" in created.output
+    listed = runner.invoke(app, ["keys", "list", "--json", *store])
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["tenant"], row["role"], row["label"], row["revoked_at"]) == ("acme", "user", "web shop", None)
+    assert key not in listed.output and key.rsplit("-", 1)[1] not in listed.output
+    with SqliteJobStore(tmp_path / "jobs.sqlite3") as jobs:  # what the server reads
+        auth = Authenticator(AuthSettings(enabled=True, key_cache_s=0), jobs, "UNSET_ADMIN_KEY_ENV")
+        assert auth.principal(f"Bearer {key}").tenant == "acme"
+        assert runner.invoke(app, ["keys", "revoke", row["id"], *store]).exit_code == 0
+        with pytest.raises(AuthError):
+            auth.principal(f"Bearer {key}")
+    again = runner.invoke(app, ["keys", "revoke", row["id"], *store])
+    assert again.exit_code == 0 and "already revoked" in again.output
+    assert "revoked" in runner.invoke(app, ["keys", "list", *store]).output
+    unknown = runner.invoke(app, ["keys", "revoke", "key_000000000000", *store])
+    assert unknown.exit_code == 2 and "no key" in unknown.output
+
+
+def test_tenant_quotas_from_the_cli(tmp_path):
+    store = ["--data-dir", str(tmp_path)]
+    result = runner.invoke(
+        app, ["tenants", "set", "acme", "--max-streams", "2", "--videos-per-minute", "30", *store]
+    )
+    assert result.exit_code == 0 and "max_streams=2, videos_per_minute=30" in result.output, result.output
+    assert "acme: max_streams=2" in runner.invoke(app, ["tenants", "list", *store]).output
+    assert runner.invoke(app, ["tenants", "set", "acme", "--clear", *store]).exit_code == 0
+    assert runner.invoke(app, ["tenants", "list", *store]).output.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "create", "--tenant", "Bad Name"], "tenant 'Bad Name'"),
+        (["tenants", "set", "acme", "--max-streams", "0"], "max_streams"),
+        (["tenants", "set", "acme", "--clear", "--max-jobs", "3"], "--clear takes no quota"),
+        (["keys", "list", "--store", "mysql://x"], "cannot open the job store"),
+    ],
+)
+def test_bad_key_and_tenant_commands_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, [*args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output, result.output

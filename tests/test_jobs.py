@@ -16,7 +16,8 @@ from storyboards import make_storyboard
 from shopreel.pipelines.compose import ComposeResult
 from shopreel.pipelines.produce import Fragment, Produced, ProductionOrder, ProductionProgress
 from shopreel.pipelines.types import ProductBrief, StageTimings
-from shopreel.serve.config import ServeConfig
+from shopreel.serve.auth import Principal
+from shopreel.serve.config import ServeConfig, TenantQuotas
 from shopreel.serve.jobs import JobService, ProductionRequest, failure_code
 from shopreel.serve.metrics import ServingMetrics
 from shopreel.serve.protocol import APIError, GenerationOptions, JobRequest
@@ -182,6 +183,8 @@ def test_a_job_is_accepted_queued_and_produced_without_http(tmp_path):
     record, production = asyncio.run(scenario())
     assert record.status == "completed" and record.progress == 100, record
     assert service.videos.path_for(record.id).read_bytes() == b"mp4 bytes"
+    thumbnail = service.videos.path_for(record.id, "thumbnail").read_bytes()
+    assert record.stored_bytes == len(b"mp4 bytes") + len(thumbnail) and record.tenant == "default"
     timings = record.timings or {}
     assert timings["generate_s"] == 1.0 and timings["render_retries"] == 1  # the compositor's
     # Planning, first fragment and total are this replica's, measured from accepting the video.
@@ -234,9 +237,9 @@ def test_a_refusal_is_remembered_briefly_and_never_turns_into_a_grant(tmp_path):
     asked: list[str] = []
     admit = service.jobs.admit
 
-    def counting_admit(video_id, kind, limit, hold_s):
+    def counting_admit(video_id, kind, limit, hold_s, **tenancy):
         asked.append(kind)
-        return admit(video_id, kind, limit, hold_s)
+        return admit(video_id, kind, limit, hold_s, **tenancy)
 
     service.jobs.admit = counting_admit  # type: ignore[method-assign]
     job = JobRequest(brief=BRIEF)
@@ -262,6 +265,30 @@ def test_a_refusal_is_remembered_briefly_and_never_turns_into_a_grant(tmp_path):
     assert [(e.status_code, e.code) for e in errors] == [(503, "queue_full")] * 3
     assert all("1 videos are streaming" in e.message for e in errors)
     assert service.jobs.counts().get("admitted_stream") == 1
+
+
+def test_a_tenant_past_its_quota_gets_a_429_and_others_go_on(tmp_path):
+    service = _service(tmp_path, FakeCompositor(), max_streams=4)
+    quotas = TenantQuotas(max_streams=1, videos_per_minute=5)
+    acme = Principal("acme", "key_000000000001", admin=False, quotas=quotas)
+    globex = Principal("globex", "key_000000000002", admin=False, quotas=quotas)
+    job = JobRequest(brief=BRIEF)
+
+    async def scenario() -> APIError:
+        record, _ = await service.accept(job, prompt=None, model="m", kind="stream", principal=acme)
+        assert record.tenant == "acme"
+        await service.accept(job, prompt=None, model="m", kind="stream", principal=globex)
+        with pytest.raises(APIError) as refused:
+            await service.accept(job, prompt=None, model="m", kind="sync", principal=acme)
+        return refused.value
+
+    refusal = asyncio.run(scenario())
+    assert (refusal.status_code, refusal.code) == (429, "rate_limit_exceeded")
+    assert refusal.type == "rate_limit_error"
+    assert int(refusal.headers["Retry-After"]) >= 1
+    assert "quota max_streams" in refusal.message and "limit is 1" in refusal.message
+    assert service.jobs.counts()["admitted_stream"] == 2  # the refusal took no slot
+    assert b'shopreel_errors_total{type="quota_exceeded"} 1.0' in service.metrics.render()
 
 
 def test_retry_after_is_the_wait_the_recent_drain_rate_predicts(tmp_path):
@@ -386,3 +413,23 @@ def test_without_a_per_replica_figure_the_stream_limit_is_max_streams():
     assert [following.stream_limit(n) for n in (0, 1, 2, 3)] == [2, 4, 6, 6]
     # The reserve keeps interactive streams first while capacity is short: sync waits for it.
     assert [following.limit_of("sync", n) for n in (0, 1, 2)] == [0, 2, 4]
+
+
+def test_the_sweeper_deletes_expired_videos_files_first(tmp_path):
+    service = _service(tmp_path, FakeCompositor(), video_ttl_s=3600)
+    now = int(time.time())
+    done = {"status": "completed", "progress": 100, "model": "m", "seconds": "2", "size": "64x64"}
+    expired = JobRecord(request="{}", expires_at=now - 1, stored_bytes=9, **done)
+    kept = JobRecord(request="{}", expires_at=now + 600, stored_bytes=9, **done)
+    for record in (expired, kept):
+        service.jobs.create(record)
+        with service.videos.open_writer(record.id) as file:
+            file.write(b"mp4 bytes")
+
+    assert asyncio.run(service.sweep_expired()) == 1
+    assert service.jobs.get(expired.id) is None and not service.videos.exists(expired.id)
+    assert not (tmp_path / "videos" / expired.id).exists()  # the video's directory too
+    assert service.jobs.get(kept.id) is not None and service.videos.exists(kept.id)
+    assert asyncio.run(service.sweep_expired()) == 0  # another replica sweeping again: nothing left
+    text = service.metrics.render()
+    assert b"shopreel_videos_expired_total 1.0" in text and b"shopreel_expired_bytes_total 9.0" in text

@@ -1,13 +1,16 @@
 """Integration: a real Ray Serve app on localhost (tiny preset, fractional CPUs), driven over HTTP.
 
 One app for the module (starting Ray and five deployments costs ~30 s on 2 cores). Its job queue
-is small on purpose so the queue-full answer can be reached.
+is small on purpose so the queue-full answer can be reached. Authentication is on, as in deploy/:
+the tests call as tenant ``acme`` unless they say otherwise; ``globex`` is the other tenant, and
+``ops`` holds the admin key. Keys are created in the job store before the app starts.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import time
 
 import httpx
@@ -32,14 +35,27 @@ FOUR_SHOT_BRIEF = {
 }
 
 
+KEYS: dict[str, str] = {}  # tenant -> API key, made by the server fixture
+
+
+def _bearer(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from shopreel.serve.auth import new_key
     from shopreel.serve.runner import load_config, start
+    from shopreel.serve.store_url import open_job_store
 
+    data_dir = tmp_path_factory.mktemp("serve-data")
     config = load_config(
         None,
         **{
-            "jobs.data_dir": str(tmp_path_factory.mktemp("serve-data")),
+            "jobs.data_dir": str(data_dir),
+            "auth.enabled": True,
+            "auth.key_cache_s": 0.5,
+            "jobs.expiry_sweep_s": 0.5,
             "jobs.concurrency": 1,
             "jobs.max_pending": 2,
             "jobs.max_streams": 2,
@@ -47,16 +63,34 @@ def server(tmp_path_factory):
             "pipeline.generate.num_inference_steps": 2,
         },
     )
+    with open_job_store(config.jobs.store_url()) as jobs:
+        for tenant, role in (("acme", "user"), ("globex", "user"), ("ops", "admin")):
+            created = new_key(tenant, role)
+            jobs.create_key(created.record, created.secret_sha256)
+            KEYS[tenant] = created.secret
     running = start(config, port=free_port(), ready_timeout_s=300)
     yield running
     running.stop()
 
 
 @pytest.fixture
+def http(server):
+    """Tenant acme's client."""
+    with httpx.Client(base_url=server.url, timeout=300, headers=_bearer("acme")) as client:
+        yield client
+
+
+@pytest.fixture
+def anonymous(server):
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture
 def openai_client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEYS["acme"], max_retries=0)
 
 
 def _wait_idle(http: httpx.Client, timeout_s: float = 120) -> None:
@@ -70,9 +104,11 @@ def _wait_idle(http: httpx.Client, timeout_s: float = 120) -> None:
     raise AssertionError("jobs did not finish")
 
 
-def test_health_models_and_readiness(http):
-    assert http.get("/healthz").json() == {"status": "ok"}
-    assert http.get("/readyz").status_code == 200
+def test_health_models_and_readiness(http, anonymous):
+    # Probes and the scrape need no key (keep /metrics off the public network: deploy/ scrapes pods).
+    assert anonymous.get("/healthz").json() == {"status": "ok"}
+    assert anonymous.get("/readyz").status_code == 200
+    assert anonymous.get("/metrics").status_code == 200
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["preset"] == "tiny"
     # What the renderer replica really runs: auto chose ONNX Runtime, and warm-up built the graph for
@@ -270,9 +306,10 @@ def test_cli_remote_streams_a_brief_from_disk(server, tmp_path):
     brief = json.loads((examples / "brief_en.json").read_text())
     (tmp_path / "brief.json").write_text(json.dumps({**brief, "duration_s": 2, "size": "64x64", "fps": 8}))
     out = tmp_path / "remote.mp4"
-    result = CliRunner().invoke(
-        app, ["remote", str(tmp_path / "brief.json"), "-o", str(out), "--url", server.url]
-    )
+    args = ["remote", str(tmp_path / "brief.json"), "-o", str(out), "--url", server.url]
+    refused = CliRunner().invoke(app, args, env={"SHOPREEL_API_KEY": ""})
+    assert refused.exit_code == 2 and "401" in refused.output and "API key" in refused.output
+    result = CliRunner().invoke(app, args, env={"SHOPREEL_API_KEY": KEYS["acme"]})
     assert result.exit_code == 0, result.output
     assert probe(out).frames == 16 and "first bytes after" in result.output
 
@@ -284,7 +321,7 @@ def test_concurrent_streams_both_complete(server, tmp_path):
     sizes: dict[int, bytes] = {}
 
     def stream(index: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=300) as client:
+        with httpx.Client(base_url=server.url, timeout=300, headers=_bearer("acme")) as client:
             body = {"brief": {**FOUR_SHOT_BRIEF, "seed": index}, "stream": True}
             with client.stream("POST", "/v1/product-videos", json=body) as response:
                 assert response.status_code == 200
@@ -329,3 +366,118 @@ def test_accepted_jobs_survive_an_app_restart(server, http):
         raise AssertionError(f"jobs not completed after the restart: {statuses}")
     for video_id in ids:
         assert http.get(f"/v1/videos/{video_id}/content").status_code == 200
+
+
+# --- API keys, tenants and quotas ----------------------------------------------------------------
+
+FAKE_ID = "video_" + "0" * 32
+V1_ENDPOINTS = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/videos"),
+    ("GET", "/v1/videos"),
+    ("GET", f"/v1/videos/{FAKE_ID}"),
+    ("DELETE", f"/v1/videos/{FAKE_ID}"),
+    ("GET", f"/v1/videos/{FAKE_ID}/content"),
+    ("POST", "/v1/videos/sync"),
+    ("POST", "/v1/product-videos"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), V1_ENDPOINTS)
+def test_every_v1_endpoint_needs_a_valid_key(anonymous, method, path):
+    body = {"prompt": "A mug."} if method == "POST" else None
+    for headers, code in (
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer sk-wrong"}, "invalid_api_key"),
+        ({"Authorization": "Bearer " + KEYS["acme"][:-2] + "xx"}, "invalid_api_key"),  # forged secret
+    ):
+        response = anonymous.request(method, path, json=body, headers=headers)
+        assert response.status_code == 401, (headers, response.text)
+        assert response.headers["www-authenticate"] == "Bearer"
+        error = response.json()["error"]
+        assert (error["code"], error["type"]) == (code, "invalid_request_error")
+
+
+def test_a_tenant_never_sees_another_tenants_videos(http, server):
+    video = http.post("/v1/videos", json={"prompt": "A mug. Hot.", "seconds": 2, "size": "64x64"}).json()
+    with httpx.Client(base_url=server.url, timeout=60, headers=_bearer("globex")) as globex:
+        for method, path in (
+            ("GET", f"/v1/videos/{video['id']}"),
+            ("GET", f"/v1/videos/{video['id']}/content"),
+            ("GET", f"/v1/videos/{video['id']}/content?variant=thumbnail"),
+            ("DELETE", f"/v1/videos/{video['id']}"),
+        ):
+            response = globex.request(method, path)
+            assert response.status_code == 404, (path, response.text)
+            assert response.json()["error"]["message"] == f"no video with id {video['id']!r}"  # as if absent
+        assert video["id"] not in [
+            v["id"] for v in globex.get("/v1/videos", params={"limit": 100}).json()["data"]
+        ]
+        after = globex.get("/v1/videos", params={"after": video["id"]})
+        assert after.status_code == 400 and after.json()["error"]["param"] == "after"
+    # The owner still has it, untouched by the other tenant's delete.
+    assert http.get(f"/v1/videos/{video['id']}").status_code == 200
+    assert video["id"] in [v["id"] for v in http.get("/v1/videos", params={"limit": 100}).json()["data"]]
+    _wait_idle(http)
+
+
+def test_keys_and_quotas_through_the_admin_api(http, server, anonymous):
+    """An admin makes a key with a 1 video/minute quota: the second video is a 429; revoking the key
+    takes effect on the running app within auth.key_cache_s; a user key cannot use the admin API."""
+    admin = _bearer("ops")
+    assert http.get("/admin/keys").status_code == 403  # acme's key is no admin key
+    assert anonymous.post("/admin/keys", json={"tenant": "tight"}).status_code == 401
+    quota = anonymous.put("/admin/tenants/tight", json={"videos_per_minute": 1}, headers=admin)
+    assert quota.status_code == 200, quota.text
+    bad = anonymous.put("/admin/tenants/tight", json={"videos_per_minute": 0}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "videos_per_minute"
+    created = anonymous.post("/admin/keys", json={"tenant": "tight", "label": "test"}, headers=admin).json()
+    assert created["key"].startswith("sr-") and created["tenant"] == "tight"
+    listed = anonymous.get("/admin/keys", params={"tenant": "tight"}, headers=admin).json()["data"]
+    assert [key["id"] for key in listed] == [created["id"]] and "key" not in listed[0]
+
+    tight = {"Authorization": f"Bearer {created['key']}"}
+    body = {"prompt": "A pen. Smooth ink.", "seconds": 2, "size": "64x64"}
+    first = anonymous.post("/v1/videos", json=body, headers=tight)
+    assert first.status_code == 200, first.text
+    second = anonymous.post("/v1/videos", json=body, headers=tight)
+    assert second.status_code == 429, second.text
+    error = second.json()["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "rate_limit_error")
+    assert "videos_per_minute" in error["message"] and 1 <= int(second.headers["Retry-After"]) <= 60
+    assert http.post("/v1/videos", json=body).status_code == 200  # other tenants go on
+
+    assert anonymous.delete(f"/admin/keys/{created['id']}", headers=admin).status_code == 200
+    deadline = time.monotonic() + 10
+    while anonymous.get("/v1/videos", headers=tight).status_code != 401:
+        assert time.monotonic() < deadline, "the revoked key still works"
+        time.sleep(0.2)
+    assert anonymous.delete("/admin/keys/key_000000000000", headers=admin).status_code == 404
+    _wait_idle(http)
+
+
+def test_an_expired_video_is_gone_at_once_and_its_files_soon_after(http, server):
+    from shopreel.serve.store_url import open_job_store
+
+    response = http.post(
+        "/v1/videos/sync", json={"prompt": "A cup.", "seconds": 2, "size": "64x64", "fps": 8}
+    )
+    assert response.status_code == 200, response.text
+    video_id = response.headers["x-shopreel-video-id"]
+    record = http.get(f"/v1/videos/{video_id}").json()
+    assert record["expires_at"] >= record["completed_at"] + 3600  # the default day, at least an hour
+    files = server.config.jobs.videos_path() / video_id
+    assert (files / "video.mp4").exists()
+    with open_job_store(server.config.jobs.store_url()) as jobs:  # as if a day had passed
+        jobs.update(video_id, expires_at=int(time.time()) - 1)
+    for path in (f"/v1/videos/{video_id}", f"/v1/videos/{video_id}/content"):
+        assert http.get(path).status_code == 404, path
+    assert video_id not in [v["id"] for v in http.get("/v1/videos", params={"limit": 100}).json()["data"]]
+    deadline = time.monotonic() + 30
+    while files.exists():
+        assert time.monotonic() < deadline, "the sweeper did not delete the files"
+        time.sleep(0.2)
+    with open_job_store(server.config.jobs.store_url()) as jobs:
+        assert jobs.get(video_id) is None
+    swept = re.search(r"^shopreel_videos_expired_total (\S+)$", http.get("/metrics").text, re.M)
+    assert swept is not None and float(swept.group(1)) >= 1  # one ingress replica: it swept the video

@@ -120,10 +120,13 @@ def test_serve_config_files_build_the_app():
     serve_file = yaml.safe_load((deploy / "serve.yaml").read_text())
     assert serve_file["applications"][0]["import_path"] == "shopreel.serve.app:app_builder"
     app_builder(serve_file["applications"][0]["args"])  # builds the bound graph; starts nothing
-    assert load_config(deploy / "serve.yaml").renderer.autoscaling is not None
+    local = load_config(deploy / "serve.yaml")
+    assert local.renderer.autoscaling is not None and local.auth.enabled  # deploy/ requires keys
     manifest = yaml.safe_load((deploy / "kuberay" / "rayservice.yaml").read_text())
     args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert ServeConfig.model_validate(args).generator.num_gpus == 1
+    cluster = ServeConfig.model_validate(args)
+    assert cluster.generator.num_gpus == 1 and cluster.auth.enabled
+    assert cluster.auth.default_quotas.max_streams is not None
 
 
 def test_a_partial_stage_setting_keeps_that_stages_other_defaults():

@@ -471,3 +471,22 @@ def test_bad_ids_are_rejected(videos, bad_id):
 def test_bad_variant_is_rejected(videos):
     with pytest.raises(ValueError, match="variant"):
         videos.path_for(new_video_id(), "spritesheet")
+
+
+def test_expired_videos_are_found_and_never_listed(jobs):
+    now = int(time.time())
+    done = {"status": "completed", "progress": 100}
+    old = jobs.create(_record(created_at=now - 100, expires_at=now - 1, stored_bytes=70, **done))
+    fresh = jobs.create(_record(created_at=now - 90, expires_at=now + 3600, stored_bytes=50, **done))
+    old_failure = jobs.create(
+        _record(created_at=now - 4000, status="failed", error={"code": "x", "message": "y"})
+    )
+    new_failure = jobs.create(
+        _record(created_at=now - 10, status="failed", error={"code": "x", "message": "y"})
+    )
+    running = jobs.create(_record(created_at=now - 5000))  # unfinished: never expires
+    assert jobs.expired(limit=10, failed_ttl_s=3600) == [(old_failure.id, 0), (old.id, 70)]
+    assert jobs.expired(limit=1, failed_ttl_s=3600) == [(old_failure.id, 0)]
+    listed = [record.id for record in jobs.list(order="asc")[0]]
+    assert listed == [running.id, old_failure.id, fresh.id, new_failure.id]  # the expired one is gone
+    assert jobs.counts()["stored_bytes"] == 120
