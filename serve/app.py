@@ -37,6 +37,7 @@ from .config import TENANT_PATTERN, SalesEvent, ServeConfig, TenantQuotas
 from .deployments import CompositorDeployment, GeneratorDeployment, PlannerDeployment, RendererDeployment
 from .jobs import FragmentListener, JobService
 from .metrics import CONTENT_TYPE, ServingMetrics
+from .openapi import install as install_openapi
 from .protocol import (
     NUM_FRAMES_HEADER,
     POLL_AFTER_HEADER,
@@ -151,6 +152,11 @@ def running_generator_replicas() -> int:
     app_name = serve.get_replica_context().app_name
     status = serve.status().applications[app_name].deployments.get("generator")
     return 0 if status is None else status.replica_states.get(ReplicaState.RUNNING, 0)
+
+
+# /openapi.json: every route with its bodies and answers (the routes parse bodies themselves). Built on
+# the first request, from the routes as Serve left them; installed before Serve freezes the app below.
+install_openapi(api)
 
 
 # Serve pickles the FastAPI app when the class is decorated: what its methods call must exist by then.
