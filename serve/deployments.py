@@ -58,7 +58,13 @@ from shopreel.pipelines.understand import build_planner
 from . import stage_metrics as sm
 from .autoscaling import PENDING_SHOTS
 from .config import ServeConfig
-from .stage_clients import NeedHistory, RemoteFrameRenderer, RemoteLatentSource, RetryPolicy
+from .stage_clients import (
+    NeedHistory,
+    RemoteFrameRenderer,
+    RemoteLatentSource,
+    RetryPolicy,
+    routing_keys_held,
+)
 
 logger = logging.getLogger("shopreel.serve")
 
@@ -405,6 +411,10 @@ class CompositorDeployment:
 
     async def ready(self) -> bool:
         return True
+
+    async def stats(self) -> dict[str, int | None]:
+        """Routing state this replica's renderer handle still holds: none once its videos are done."""
+        return {"renderer_routing_keys": routing_keys_held(self.renderer)}
 
     def check_health(self) -> None:
         pass

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -321,6 +322,59 @@ def _check_resent(request_id: str, chunk: LatentChunk, partial_shot: list[np.nda
         )
 
 
+def _request_router(handle: DeploymentHandle) -> tuple[Any, Any] | None:
+    """The request router behind a handle and the event loop it runs on (Serve internals: None if moved)."""
+    router = getattr(handle, "_router", None)
+    request_router = getattr(getattr(router, "_asyncio_router", None), "_request_router", None)
+    loop = getattr(router, "_asyncio_loop", None)
+    if request_router is None or loop is None:
+        return None
+    return request_router, loop
+
+
+def forget_routing_key(handle: DeploymentHandle, key: str) -> bool:
+    """Let Serve's router let go of a finished shot's routing key, and of the last call it keeps for it.
+
+    Ray Serve's request router (2.60 here) indexes pending requests by multiplexed model id and prunes
+    a key's finished requests only when the same key is routed again. Each shot has a key of its own,
+    last used by the shot's last call, so every finished shot left that call (its latent chunks are
+    the arguments) referenced for the life of the compositor replica: it grew by ~30 KB per video on
+    the tiny preset in ``benchmarks/soak.py``, megabytes per video at 480p. This runs the router's own
+    pruning for the key, on the router's loop, once the shot is done; a key with a call still pending
+    keeps it. False where this Ray's router has no such index (``routing_keys_held`` then says so).
+    """
+    found = _request_router(handle)
+    if found is None:
+        return False
+    request_router, loop = found
+    prune = getattr(request_router, "_get_pending_request_matching_multiplexed_model_id", None)
+    if prune is None:
+        return False
+
+    def forget() -> None:
+        prune(SimpleNamespace(multiplexed_model_id=key))  # drops the key's done requests, then the key
+        fallback = getattr(request_router, "_multiplexed_model_id_fallback_match", None)
+        if isinstance(fallback, set):
+            fallback.discard(key)
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is running:
+        forget()
+    else:  # Serve's default: the router runs on a loop of its own thread
+        loop.call_soon_threadsafe(forget)
+    return True
+
+
+def routing_keys_held(handle: DeploymentHandle) -> int | None:
+    """Routing keys Serve's router behind ``handle`` still indexes (None: unknown to this Ray)."""
+    found = _request_router(handle)
+    index = None if found is None else getattr(found[0], "_pending_requests_by_model_id", None)
+    return None if index is None else len(index)
+
+
 class RemoteFrameRenderer:
     """The renderer deployment as one video's ``FrameRenderer``; keeps each shot's latents for resends.
 
@@ -359,6 +413,8 @@ class RemoteFrameRenderer:
     def release(self, request_id: str) -> None:
         for lane in self.lanes.values():
             lane.cancel()
+        for shot in self.history:  # shots that did not finish: their keys were not forgotten yet
+            forget_routing_key(self.renderer, self._routing_key(shot))
         self.history.clear()  # replicas drop the shots' caches when they go idle
 
     async def _lane(self, shot: int) -> None:
@@ -380,8 +436,11 @@ class RemoteFrameRenderer:
         finally:
             self.lanes.pop(shot, None)
 
+    def _routing_key(self, shot: int) -> str:
+        return f"{self.request_id}:{shot}"
+
     async def _send(self, shot: int, batch: list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]) -> None:
-        handle = self.renderer.options(multiplexed_model_id=f"{self.request_id}:{shot}", stream=True)
+        handle = self.renderer.options(multiplexed_model_id=self._routing_key(shot), stream=True)
         failures = _Failures("renderer", self.policy, self.request_id)
         history_asked = False
         while pending := [(chunk, frames) for chunk, frames in batch if not frames.done()]:
@@ -420,6 +479,7 @@ class RemoteFrameRenderer:
                 )
         if batch[-1][0].is_last:
             self.history.pop(shot, None)  # only now: a retry of this shot still needs it
+            forget_routing_key(self.renderer, self._routing_key(shot))
 
     def _earlier(self, chunk: LatentChunk) -> np.ndarray:
         return np.concatenate(self.history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]

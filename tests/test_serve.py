@@ -338,6 +338,21 @@ def test_concurrent_streams_both_complete(server, tmp_path):
         assert probe(tmp_path / f"{index}.mp4").frames == 9 * 4 - 3 * 2
 
 
+def test_finished_shots_leave_no_routing_state_behind(server, http):
+    """Each shot is routed to its renderer replica by a key of its own; Serve's router would keep every
+    finished shot's last call (its latents) under that key for good (serve/stage_clients.py,
+    forget_routing_key). Videos done, the compositor's router holds no keys."""
+    from ray import serve
+
+    for seed in range(3):
+        body = {"brief": {**FOUR_SHOT_BRIEF, "seed": 100 + seed}, "stream": True}
+        with http.stream("POST", "/v1/product-videos", json=body) as response:
+            assert response.status_code == 200
+            response.read()
+    compositor = serve.get_deployment_handle("compositor", "shopreel")
+    assert compositor.stats.remote().result() == {"renderer_routing_keys": 0}
+
+
 def test_accepted_jobs_survive_an_app_restart(server, http):
     """Jobs accepted before the app goes down are produced by the next one (SQLite job store)."""
     _wait_idle(http)
