@@ -37,6 +37,23 @@ def postgres():
         yield server
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    """Each job-store test runs on both backends: a SQLite file, and a fresh database on a real server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture
+def jobs(store_url):
+    """A job store on each backend (``store_url``)."""
+    from shopreel.serve.store_url import open_job_store
+
+    with open_job_store(store_url) as store:
+        yield store
+
+
 @pytest.fixture
 def http(server):
     """An HTTP client for the module's own ``server`` fixture (a running embedded cluster)."""

@@ -99,13 +99,12 @@ def test_the_manifests_serve_config_is_a_valid_ray_serve_deploy_config():
 
 def test_every_ray_pod_runs_serves_fast_path_as_the_embedded_cluster_does():
     """Ray reads these at process start on each node: a pod without them runs a slower request path."""
-    from shopreel.serve.runner import SERVE_FAST_PATH_ENV
+    from shopreel.serve.runner import PROCESS_ENV, SERVE_FAST_PATH_ENV
 
     cluster = yaml.safe_load(MANIFEST.read_text())["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
             env = {item["name"]: item.get("value") for item in container.get("env", [])}
-            assert {name: env.get(name) for name in SERVE_FAST_PATH_ENV} == SERVE_FAST_PATH_ENV, container[
-                "name"
-            ]
+            wanted = {**SERVE_FAST_PATH_ENV, **PROCESS_ENV}
+            assert {name: env.get(name) for name in wanted} == wanted, container["name"]

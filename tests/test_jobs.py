@@ -82,6 +82,22 @@ def test_failure_codes_say_whose_fault_it_was():
     assert code == "internal_error" and "10.0.0.1" not in message
 
 
+def test_ray_failures_reach_clients_without_ray_internals():
+    """What Ray raises when a stage's replica or node dies names actors, nodes and tuning knobs: the
+    job's error says what happened in our words and names the video, which finds the log lines."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    internals = ("7f3ac0ffee", "10.0.0.5", "RAY_", "ray::", "Traceback")
+    lost = RayActorError(
+        actor_id="7f3ac0ffee", error_msg="The actor died on node 10.0.0.5: raise RAY_memory_usage_threshold"
+    )
+    oom = OutOfMemoryError("Task ray::render was killed: memory on the node (IP: 10.0.0.5) ... Traceback")
+    for exc, code in ((lost, "stage_unavailable"), (oom, "internal_error")):
+        got, message = failure_code(exc, "video_0")
+        assert got == code and "video_0" in message
+        assert not any(secret in message for secret in internals), message
+
+
 # --- accept -> queue -> worker -> video, with fake stage handles ---------------------------------
 
 

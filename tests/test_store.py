@@ -32,20 +32,6 @@ def _record(**overrides) -> JobRecord:
     return JobRecord(**{**values, **overrides})
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request, tmp_path):
-    """Each job-store test runs on both backends: a SQLite file, and a fresh database on a real server."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    return request.getfixturevalue("postgres").new_database()
-
-
-@pytest.fixture
-def jobs(store_url):
-    with open_job_store(store_url) as store:
-        yield store
-
-
 def test_new_ids_are_valid_and_unique():
     ids = {new_video_id() for _ in range(100)}
     assert len(ids) == 100

@@ -11,25 +11,11 @@ from shopreel.serve import store as store_module
 from shopreel.serve.auth import Authenticator, AuthError, key_digest, key_id_of, new_key
 from shopreel.serve.config import AuthSettings, TenantQuotas
 from shopreel.serve.store import JobRecord, QuotaExceeded, SqliteJobStore, new_video_id
-from shopreel.serve.store_url import open_job_store
 
 
 def _record(tenant: str = "default", **overrides) -> JobRecord:
     values = {"model": "m", "seconds": "4", "size": "64x64", "request": "{}", "tenant": tenant}
     return JobRecord(**{**values, **overrides})
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    return request.getfixturevalue("postgres").new_database()
-
-
-@pytest.fixture
-def jobs(store_url):
-    with open_job_store(store_url) as store:
-        yield store
 
 
 # --- keys ----------------------------------------------------------------------------------------
