@@ -411,7 +411,7 @@ def serve(
     if not settings.auth.enabled:
         from .serve.auth import AUTH_OFF_WARNING
 
-        console.print(f"[bold yellow]warning:[/] {AUTH_OFF_WARNING}", highlight=False)
+        console.print(f"[bold yellow]warning:[/] {AUTH_OFF_WARNING}", highlight=False, soft_wrap=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -107,9 +107,25 @@ class ComposeConfig(_Config):
     )
 
 
+class ComplianceConfig(_Config):
+    """Advertising-law checks on every brief and storyboard (pipelines/compliance.py)."""
+
+    enabled: bool = Field(default=True, description="check briefs and storyboards before any model work")
+    default_policy: Literal["reject", "rewrite"] = Field(
+        default="reject", description="for briefs that do not say: refuse with 400, or rewrite the terms"
+    )
+    extra_banned_terms: list[str] = Field(
+        default_factory=list, max_length=1000, description="more absolute-claim terms (dropped on rewrite)"
+    )
+    extra_prohibited_goods: list[str] = Field(
+        default_factory=list, max_length=1000, description="more goods no video may advertise"
+    )
+
+
 class PipelineConfig(_Config):
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     compose: ComposeConfig = Field(default_factory=ComposeConfig)

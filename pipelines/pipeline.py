@@ -59,7 +59,7 @@ class ProductVideoPipeline:
     def __init__(self, config: PipelineConfig | None = None, *, model: LoadedModel | None = None) -> None:
         self.config = config or PipelineConfig()
         self.model = model or load_model(self.config.model)
-        self.planner = build_planner(self.config.planner)
+        self.planner = build_planner(self.config.planner, self.config.compliance)
         self.generator = LatentGenerator(self.model, self.config.generate)
         self.renderer = StreamingRenderer(self.model.vae, self.model.device, self.config.render)
         self.compositor = Compositor(self.config.compose)

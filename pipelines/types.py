@@ -171,6 +171,11 @@ class ProductBrief(BaseModel):
     fps: int | None = Field(default=None, ge=MIN_FPS, le=MAX_FPS)
     style: str = Field(default="clean studio", min_length=1, max_length=MAX_STYLE_CHARS)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    compliance: Literal["reject", "rewrite"] | None = Field(
+        default=None,
+        description="absolute/medical claims in the brief: refuse it (400 naming them) or rewrite them; "
+        "None: the server's pipeline.compliance.default_policy",
+    )
 
     @field_validator("title", "category", "style")
     @classmethod
@@ -212,6 +217,17 @@ class Campaign(BaseModel):
     discount_text: str | None = Field(default=None, max_length=40, description="e.g. '满300减50'")
     badge: str | None = Field(default=None, max_length=24, description="short text in the corner badge")
     accent_color: str = Field(default="#FF4D1A", pattern=r"^#[0-9A-Fa-f]{6}$")
+
+
+class ComplianceFinding(BaseModel):
+    """A term the advertising rules forbid, where it was, and what replaced it (``""``: dropped)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str = Field(description="e.g. brief.selling_points[1], storyboard.shots[2].caption")
+    term: str
+    rule: Literal["absolute_claim", "medical_claim", "prohibited_goods"]
+    replacement: str | None = None
 
 
 class Shot(BaseModel):
@@ -267,6 +283,9 @@ class Storyboard(BaseModel):
     accent_color: str = Field(default="#FF4D1A", pattern=r"^#[0-9A-Fa-f]{6}$")
     aigc_label: str = Field(min_length=1, max_length=40, description="visible AI-generated-content label")
     planner: str = Field(default="template", description="which planner wrote it")
+    compliance: list[ComplianceFinding] = Field(
+        default_factory=list, description="advertising-rule findings, rewritten before planning or after"
+    )
 
     @model_validator(mode="after")
     def _check_shots(self) -> Storyboard:

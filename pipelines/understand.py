@@ -32,7 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import PlannerConfig
+from .compliance import CompliantPlanner
+from .config import ComplianceConfig, PlannerConfig
 from .types import (
     MAX_CAPTION_CHARS,
     MAX_PROMPT_CHARS,
@@ -683,6 +684,7 @@ class LLMPlanner:
             return str(tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True))
 
 
-def build_planner(config: PlannerConfig) -> TemplatePlanner | LLMPlanner:
-    """The planner the config names."""
-    return LLMPlanner(config) if config.kind == "llm" else TemplatePlanner(config)
+def build_planner(config: PlannerConfig, compliance: ComplianceConfig | None = None) -> CompliantPlanner:
+    """The planner the config names, behind the advertising-rule checks."""
+    inner = LLMPlanner(config) if config.kind == "llm" else TemplatePlanner(config)
+    return CompliantPlanner(inner, compliance or ComplianceConfig())

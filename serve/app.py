@@ -11,6 +11,7 @@ logged.
 """
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -140,6 +141,14 @@ class NewKeyRequest(BaseModel):
     tenant: str = Field(pattern=TENANT_PATTERN)
     role: KeyRole = "user"
     label: str | None = Field(default=None, max_length=200)
+
+
+def _compliance_findings(record: JobRecord) -> list[dict[str, Any]]:
+    """What the advertising-rule checks rewrote in the video's brief and storyboard."""
+    try:
+        return list(json.loads(record.request)["storyboard"].get("compliance", []))
+    except (ValueError, KeyError, TypeError, AttributeError):  # a record from before the checks
+        return []
 
 
 def _expired(record: JobRecord) -> bool:
@@ -304,6 +313,7 @@ class Ingress:
             "num_frames": record.num_frames,
             "timings": record.timings,
             "attempts": record.attempts,
+            "compliance": _compliance_findings(record),
         }
         headers = (
             {POLL_AFTER_HEADER: str(POLL_AFTER_MS)} if record.status in ("queued", "in_progress") else {}

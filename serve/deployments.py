@@ -113,7 +113,7 @@ class PlannerDeployment:
 
     def __init__(self, config: ServeConfig) -> None:
         self.preset = resolve_preset(config.pipeline.model.preset)
-        self.planner = build_planner(config.pipeline.planner)
+        self.planner = build_planner(config.pipeline.planner, config.pipeline.compliance)
 
     async def plan(
         self, brief: ProductBrief, profile: ShopperProfile | None = None, campaign: Campaign | None = None

@@ -111,6 +111,16 @@ def failure_code(exc: BaseException, video_id: str) -> tuple[str, str]:
     return "internal_error", f"video {video_id} could not be produced (internal error; see the server log)"
 
 
+def planner_refusal(exc: ValueError) -> APIError:
+    """A brief the planner refused: 400; an advertising-rule refusal names its first field and says so."""
+    cause = getattr(exc, "cause", None) or exc  # Ray wraps the planner replica's own exception
+    findings = getattr(cause, "findings", None)
+    message = str(cause)
+    if findings:
+        return APIError.invalid(message, findings[0].field, code="content_policy_violation")
+    return APIError.invalid(message)
+
+
 QUOTA_MESSAGES = {
     "max_jobs": "jobs queued or running",
     "max_streams": "videos streaming",
@@ -236,7 +246,7 @@ class JobService:
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise overloaded(exc, self.config.jobs.retry_after_s) from None
             except ValueError as exc:  # the planner refused what the schema let through
-                raise APIError.invalid(str(exc)) from None
+                raise planner_refusal(exc) from None
             negative = job_request.options.negative_prompt
             if negative:
                 shots = [s.model_copy(update={"negative_prompt": negative}) for s in storyboard.shots]

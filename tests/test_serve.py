@@ -338,6 +338,32 @@ def test_concurrent_streams_both_complete(server, tmp_path):
         assert probe(tmp_path / f"{index}.mp4").frames == 9 * 4 - 3 * 2
 
 
+def test_briefs_breaking_advertising_rules_are_refused_or_rewritten(http):
+    claims = {
+        "title": "最好的保温杯",
+        "language": "zh",
+        "selling_points": ["国家级工艺", "治疗失眠", "防漏杯盖"],
+    }
+    refused = http.post("/v1/product-videos", json={"brief": {**FOUR_SHOT_BRIEF, **claims}})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("content_policy_violation", "brief.title")
+    assert "'最好'" in error["message"] and "brief.selling_points[1]: '治疗'" in error["message"]
+    assert "Traceback" not in error["message"] and "ray" not in error["message"].lower()
+
+    rewrite = {**FOUR_SHOT_BRIEF, **claims, "compliance": "rewrite"}
+    accepted = http.post("/v1/product-videos", json={"brief": rewrite})
+    assert accepted.status_code == 200, accepted.text
+    record = http.get(f"/v1/videos/{accepted.json()['id']}").json()
+    rewritten = {(f["field"], f["term"]) for f in record["shopreel"]["compliance"]}
+    assert rewritten == {
+        ("brief.title", "最好"),
+        ("brief.selling_points[0]", "国家级"),
+        ("brief.selling_points[1]", "治疗"),
+    }
+    _wait_idle(http)
+
+
 def test_finished_shots_leave_no_routing_state_behind(server, http):
     """Each shot is routed to its renderer replica by a key of its own; Serve's router would keep every
     finished shot's last call (its latents) under that key for good (serve/stage_clients.py,

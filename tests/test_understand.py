@@ -440,7 +440,7 @@ def test_llm_planner_falls_back_on_garbage(
 ) -> None:
     config = _llm_config(tiny_lm_dirs[variant])
     planner = build_planner(config)
-    assert isinstance(planner, LLMPlanner)
+    assert isinstance(planner.inner, LLMPlanner)  # behind the advertising-rule checks
     brief, campaign = make_zh_brief(), Campaign(name="618", discount_text="满200减20")
     with caplog.at_level(logging.WARNING, logger="shopreel.pipelines.understand"):
         sb = planner.plan(brief, None, campaign)
@@ -476,7 +476,7 @@ def test_llm_planner_needs_a_directory(tmp_path: Path) -> None:
         LLMPlanner(PlannerConfig(kind="llm"))
     with pytest.raises(ValueError, match="not a directory"):
         LLMPlanner(PlannerConfig(kind="llm", llm_path=tmp_path / "missing"))
-    assert isinstance(build_planner(PlannerConfig()), TemplatePlanner)
+    assert isinstance(build_planner(PlannerConfig()).inner, TemplatePlanner)
 
 
 def test_llm_planner_still_rejects_user_errors(tiny_lm_dirs: dict[str, Path]) -> None:
