@@ -190,7 +190,9 @@ def _report(
     measured = [r for r in results if r["t"] >= warm_s]
     videos = [r for r in measured if r["status"] == 200 and r.get("ok")]
     refused = [r for r in measured if r["status"] in (429, 503)]
-    errors = [r for r in measured if r not in videos and r not in refused]
+    errors = [
+        r for r in measured if r["status"] not in (429, 503) and not (r["status"] == 200 and r.get("ok"))
+    ]
     span = max(1.0, args.minutes * 60 - warm_s)
     quarter = span / 4
 

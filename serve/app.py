@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -521,15 +521,14 @@ class Ingress:
 
     async def _principal(self, request: Request) -> Principal:
         """The request's tenant (401 without a valid key while authentication is on)."""
-        try:
-            return await asyncio.to_thread(self.auth.principal, request.headers.get("authorization"))
-        except AuthError:
-            self.metrics.refused("unauthorized")
-            raise
+        return await self._identify(self.auth.principal, request)
 
     async def _admin(self, request: Request) -> Principal:
-        try:
-            return await asyncio.to_thread(self.auth.admin, request.headers.get("authorization"))
+        return await self._identify(self.auth.admin, request)
+
+    async def _identify(self, check: Callable[[str | None], Principal], request: Request) -> Principal:
+        try:  # off the event loop: a cache miss reads the store
+            return await asyncio.to_thread(check, request.headers.get("authorization"))
         except AuthError:
             self.metrics.refused("unauthorized")
             raise

@@ -454,10 +454,7 @@ class JobService:
         settings = self.config.jobs
         expired = await asyncio.to_thread(self.jobs.expired, EXPIRY_BATCH, settings.video_ttl_s)
         deleted, freed = 0, 0
-        for video_id, size in expired:
-            production = self.productions.pop(video_id, None)
-            if production is not None:  # only a failed job's leftovers could still be here
-                production.cancel()
+        for video_id, size in expired:  # finished videos only: no production of theirs runs
             await asyncio.to_thread(self.videos.delete, video_id)
             if await asyncio.to_thread(self.jobs.delete, video_id):
                 deleted, freed = deleted + 1, freed + size
