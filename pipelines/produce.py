@@ -16,6 +16,7 @@ fragment is emitted while later shots are still denoising. Events: ``ProductionP
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -130,7 +131,9 @@ class LocalLatentSource:
     """A ``LatentGenerator`` in a worker thread, its chunks handed to the event loop as they exist.
 
     ``prepare`` runs on each chunk in the worker thread (a replica turns latents into numpy there).
-    Closing the stream stops denoising at the next step.
+    ``step_interval_s``: a denoising step is reported only this long after the last one reported (a
+    shot's last step always is); each report is a message when the source is a replica. Closing the
+    stream stops denoising at the next step.
     """
 
     restarts = 0
@@ -143,19 +146,42 @@ class LocalLatentSource:
         prepare: Callable[[LatentChunk], LatentChunk] | None = None,
         start_shot: int = 0,
         end_shot: int | None = None,
+        step_interval_s: float = 0.0,
     ) -> None:
         self.generator = generator
         self.executor = executor
         self.prepare = prepare
         self.start_shot = start_shot
         self.end_shot = end_shot
+        self.step_interval_s = step_interval_s
 
     async def stream(self, order: ProductionOrder) -> AsyncIterator[LatentChunk | DenoiseStep]:
-        def work(emit: Callable[[LatentChunk | DenoiseStep], None], stop: threading.Event) -> None:
+        async for item in self.shots(order):
+            if isinstance(item, DenoiseStep):
+                yield item
+            else:
+                for chunk in item:
+                    yield chunk
+
+    async def shots(self, order: ProductionOrder) -> AsyncIterator[list[LatentChunk] | DenoiseStep]:
+        """Denoising steps, and each shot's chunks as one list.
+
+        The generator denoises a whole shot before slicing it into chunks, so a shot's chunks exist
+        together: a replica sends them as one message, and the compositor hands them to one renderer
+        call.
+        """
+
+        def work(emit: Callable[[list[LatentChunk] | DenoiseStep], None], stop: threading.Event) -> None:
+            reported_at = -math.inf
+
             def on_step(shot_index: int, step: int, steps: int) -> None:
+                nonlocal reported_at
                 if stop.is_set():
                     raise _Cancelled
-                emit(DenoiseStep(shot_index, step, steps))
+                now = time.monotonic()
+                if step == steps or now - reported_at >= self.step_interval_s:
+                    reported_at = now
+                    emit(DenoiseStep(shot_index, step, steps))
 
             chunks: Iterator[LatentChunk] = self.generator.generate(
                 order.storyboard,
@@ -166,9 +192,13 @@ class LocalLatentSource:
                 start_shot=self.start_shot,
                 end_shot=self.end_shot,
             )
+            shot: list[LatentChunk] = []
             for chunk in chunks:
                 chunk.timings["denoised_at"] = time.time()
-                emit(self.prepare(chunk) if self.prepare else chunk)
+                shot.append(self.prepare(chunk) if self.prepare else chunk)
+                if chunk.is_last:
+                    emit(shot)
+                    shot = []
 
         async for item in stream_from_thread(work, self.executor):
             yield item
@@ -245,10 +275,13 @@ async def produce(
     thumbnail_path: Path | None = None,
     started: float | None = None,
     understand_s: float = 0.0,
+    progress_interval_s: float = 0.0,
 ) -> AsyncGenerator[ProductionEvent, None]:
     """Produce one video: progress and fragments as they happen, then ``Produced``.
 
     ``started`` (``time.perf_counter``) is when the request began, for first-fragment and total times.
+    ``progress_interval_s``: least time between two ``ProductionProgress`` events (each is a message,
+    and a job record write, when the driver runs on a replica); fragments are never held back.
     """
     started = time.perf_counter() if started is None else started
     storyboard = order.storyboard
@@ -282,6 +315,7 @@ async def produce(
     steps_total = 0
     frames_done = 0
     fragment_count = 0
+    progress_reported_at = -math.inf
 
     def fragment(data: bytes) -> Fragment:
         nonlocal fragment_count
@@ -315,7 +349,9 @@ async def produce(
                 for data in await asyncio.to_thread(session.push, frame_chunk):
                     yield fragment(data)
                 frames_done += frame_chunk.frames.shape[0]
-            yield ProductionProgress(sum(steps_done), steps_total, frames_done, storyboard.total_frames)
+            if time.monotonic() - progress_reported_at >= progress_interval_s:
+                progress_reported_at = time.monotonic()
+                yield ProductionProgress(sum(steps_done), steps_total, frames_done, storyboard.total_frames)
         tail, result = await asyncio.to_thread(session.finish, mp4_path, thumbnail_path)
         finished = True
         for data in tail:

@@ -366,6 +366,13 @@ class ServeConfig(_Config):
         description="intra-op threads of each torch stage replica; None: the node's cores shared by the two "
         "torch stages (generator, renderer) that work at once (Ray would set 1 per fractional CPU)",
     )
+    progress_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=10,
+        description="least time between progress reports a stage passes on (denoising steps to the "
+        "compositor, progress to the ingress and the job record); each is a message; 0: every step",
+    )
     warmup: bool = Field(default=True, description="run one tiny request through every stage before /readyz")
     events: list[SalesEvent] = Field(
         default_factory=list,

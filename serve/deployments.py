@@ -145,6 +145,7 @@ class GeneratorDeployment:
         _set_torch_threads(config)
         self.model = load_model(config.pipeline.model)
         self.generator = LatentGenerator(self.model, config.pipeline.generate)
+        self.progress_interval_s = config.progress_interval_s
         self.executor = ThreadPoolExecutor(
             max_workers=config.generator.max_ongoing_requests, thread_name_prefix="denoise"
         )
@@ -164,8 +165,9 @@ class GeneratorDeployment:
         guidance_scale: float | None = None,
         start_shot: int = 0,
         end_shot: int | None = None,
-    ) -> AsyncIterator[LatentChunk | DenoiseStep]:
-        """Denoise in a worker thread; hand its chunks and steps to the caller as they happen.
+    ) -> AsyncIterator[list[LatentChunk] | DenoiseStep]:
+        """Denoise in a worker thread; hand its steps, and each shot's chunks as one message, to the
+        caller as they happen.
 
         ``start_shot`` > 0 resumes a video whose earlier shots another (lost) replica already sent;
         ``end_shot`` stops before that shot (one shot of a video denoised shot-parallel).
@@ -177,15 +179,20 @@ class GeneratorDeployment:
             guidance_scale=guidance_scale,
         )
         source = LocalLatentSource(
-            self.generator, self.executor, prepare=self._to_numpy, start_shot=start_shot, end_shot=end_shot
+            self.generator,
+            self.executor,
+            prepare=self._to_numpy,
+            start_shot=start_shot,
+            end_shot=end_shot,
+            step_interval_s=self.progress_interval_s,
         )
         # This stream's share of the autoscaling backlog.
         pending = (len(storyboard.shots) if end_shot is None else end_shot) - start_shot
         self._pending_shots(pending)
         self.stage_metrics.add(sm.GENERATE_ACTIVE, 1)
         try:
-            async for item in source.stream(order):
-                if isinstance(item, LatentChunk) and item.is_last:
+            async for item in source.shots(order):
+                if not isinstance(item, DenoiseStep):
                     pending -= 1
                     self._pending_shots(-1)
                 yield item
@@ -388,6 +395,7 @@ class CompositorDeployment:
             mp4_path=mp4_path,
             thumbnail_path=thumbnail_path,
             started=started,
+            progress_interval_s=self.config.progress_interval_s,
         )
         first_fragment = True
         self.stage_metrics.add(sm.VIDEOS_IN_FLIGHT, 1)

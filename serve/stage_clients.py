@@ -4,8 +4,11 @@
 compositor replica passes these two, one pair per video. They carry what only a cluster needs.
 
 Renderer state. The causal decoder cache of a shot lives on the renderer replica that decoded its
-previous chunk, so all chunks of a shot are routed with the same ``multiplexed_model_id`` (Serve
-routes such calls to the replica that already "holds" that id). Routing affinity is best effort (a
+previous chunk, so a shot whose chunks take more than one call routes them all with the same
+``multiplexed_model_id`` (Serve routes such calls to the replica that already "holds" that id). A
+shot sent whole in one call, the usual case since a generator hands a shot's chunks over together,
+needs no affinity and carries no id: every new id changes the replica's id list, which Serve pushes
+to its controller and broadcasts to every handle of the renderer. Routing affinity is best effort (a
 busy or restarted replica can lose it), so the cache is treated as a cache: a replica without the
 shot's state answers ``NeedHistory`` and the adapter resends the chunk with the shot's earlier
 latents (a few MB even at 480p), from which the replica rebuilds the state. Frames are identical
@@ -272,19 +275,20 @@ class RemoteLatentSource:
                 end_shot=end_shot,
             )
             try:
-                async for item in stream:
+                async for item in stream:  # a step, or a shot's chunks (one message)
                     if isinstance(item, DenoiseStep):
                         yield item
                         continue
-                    if not ledger.accept(item):
-                        _check_resent(request_id, item, partial_shot)
-                        continue
-                    failures.reset()
-                    if item.is_last:
-                        partial_shot = []
-                    else:
-                        partial_shot.append(np.asarray(item.latents))
-                    yield item
+                    for chunk in item:
+                        if not ledger.accept(chunk):
+                            _check_resent(request_id, chunk, partial_shot)
+                            continue
+                        failures.reset()
+                        if chunk.is_last:
+                            partial_shot = []
+                        else:
+                            partial_shot.append(np.asarray(chunk.latents))
+                        yield chunk
             except Exception as exc:
                 if not replica_lost(exc):
                     raise
@@ -400,6 +404,7 @@ class RemoteFrameRenderer:
         self.history: dict[int, list[np.ndarray]] = {}
         self.waiting: dict[int, list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]] = {}
         self.lanes: dict[int, asyncio.Task[None]] = {}
+        self.keyed: set[int] = set()  # shots whose calls carry a routing key (they span calls)
 
     async def render(self, chunk: LatentChunk) -> FrameChunk:
         shot = chunk.shot_index
@@ -413,8 +418,9 @@ class RemoteFrameRenderer:
     def release(self, request_id: str) -> None:
         for lane in self.lanes.values():
             lane.cancel()
-        for shot in self.history:  # shots that did not finish: their keys were not forgotten yet
+        for shot in self.keyed:  # shots that did not finish: their keys were not forgotten yet
             forget_routing_key(self.renderer, self._routing_key(shot))
+        self.keyed.clear()
         self.history.clear()  # replicas drop the shots' caches when they go idle
 
     async def _lane(self, shot: int) -> None:
@@ -439,8 +445,15 @@ class RemoteFrameRenderer:
     def _routing_key(self, shot: int) -> str:
         return f"{self.request_id}:{shot}"
 
+    def _handle_for(self, shot: int, ends_shot: bool) -> DeploymentHandle:
+        """The renderer handle for a call of ``shot``: keyed once the shot spans calls, else plain."""
+        if ends_shot and shot not in self.keyed:
+            return self.renderer.options(stream=True)
+        self.keyed.add(shot)
+        return self.renderer.options(multiplexed_model_id=self._routing_key(shot), stream=True)
+
     async def _send(self, shot: int, batch: list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]) -> None:
-        handle = self.renderer.options(multiplexed_model_id=self._routing_key(shot), stream=True)
+        handle = self._handle_for(shot, ends_shot=batch[-1][0].is_last)
         failures = _Failures("renderer", self.policy, self.request_id)
         history_asked = False
         while pending := [(chunk, frames) for chunk, frames in batch if not frames.done()]:
@@ -479,7 +492,9 @@ class RemoteFrameRenderer:
                 )
         if batch[-1][0].is_last:
             self.history.pop(shot, None)  # only now: a retry of this shot still needs it
-            forget_routing_key(self.renderer, self._routing_key(shot))
+            if shot in self.keyed:
+                self.keyed.discard(shot)
+                forget_routing_key(self.renderer, self._routing_key(shot))
 
     def _earlier(self, chunk: LatentChunk) -> np.ndarray:
         return np.concatenate(self.history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]

@@ -86,3 +86,64 @@ def test_preset_defaults_fill_size_and_fps(pipeline):
         preset.default_size.height,
         preset.default_fps,
     )
+
+
+def _events(pipeline, storyboard, *, step_interval_s: float, progress_interval_s: float):
+    """Every event ``produce`` yields for ``storyboard``, and every step the latent source reported."""
+    import asyncio
+
+    from shopreel.pipelines.produce import (
+        DenoiseStep,
+        LocalFrameRenderer,
+        LocalLatentSource,
+        ProductionOrder,
+        produce,
+    )
+
+    order = ProductionOrder(request_id="rate", storyboard=storyboard)
+    source = LocalLatentSource(pipeline.generator, step_interval_s=step_interval_s)
+    steps: list[tuple[int, int]] = []
+    stream = source.stream
+
+    async def recording(order):
+        async for item in stream(order):
+            if isinstance(item, DenoiseStep):
+                steps.append((item.shot_index, item.step))
+            yield item
+
+    source.stream = recording  # type: ignore[method-assign]
+
+    async def drive():
+        renderer = LocalFrameRenderer(pipeline.renderer)
+        events = produce(
+            order,
+            source,
+            renderer,
+            pipeline.compositor,
+            mp4_path=None,
+            progress_interval_s=progress_interval_s,
+        )
+        return [event async for event in events]
+
+    return asyncio.run(drive()), steps
+
+
+def test_progress_reports_are_rate_limited_and_fragments_are_not(pipeline):
+    """On a replica each step and progress report is a message: they are spaced, fragments never."""
+    from shopreel.pipelines.produce import Fragment, Produced, ProductionProgress
+
+    storyboard = pipeline.plan(_brief())
+    shots = len(storyboard.shots)
+    every, every_step = _events(pipeline, storyboard, step_interval_s=0.0, progress_interval_s=0.0)
+    spaced, spaced_steps = _events(pipeline, storyboard, step_interval_s=3600, progress_interval_s=3600)
+
+    assert every_step == [(shot, step) for shot in range(shots) for step in (1, 2)]
+    # The first step is reported, then only each shot's last: the driver still sees every shot end.
+    assert spaced_steps == [(0, 1)] + [(shot, 2) for shot in range(shots)]
+    progress = [e for e in every if isinstance(e, ProductionProgress)]
+    assert len(progress) > shots and [e for e in spaced if isinstance(e, ProductionProgress)] == progress[:1]
+
+    def fragments(events):
+        return b"".join(e.data for e in events if isinstance(e, Fragment))
+
+    assert fragments(spaced) == fragments(every) and isinstance(spaced[-1], Produced)

@@ -133,7 +133,14 @@ class _Stream:
         chunks = 0
         try:
             async for item in self.source:
-                if isinstance(item, LatentChunk):
+                if isinstance(item, list):  # a shot's chunks: dying mid-list sends the chunks before it
+                    left = None if self.die_after_chunks is None else self.die_after_chunks - chunks
+                    if left is not None and left < len(item):
+                        if left > 0:
+                            yield item[:left]
+                        raise ActorDiedError()
+                    chunks += len(item)
+                elif isinstance(item, LatentChunk):
                     if chunks == self.die_after_chunks:
                         raise ActorDiedError()
                     chunks += 1
@@ -177,9 +184,11 @@ class FakeRenderer:
         self.die_on = set(die_on)
         self.always = always
         self.calls: list[tuple[int, int, int | None, str]] = []  # shot, chunk, history frames, outcome
+        self.routing_keys: list[str | None] = []  # the multiplexed id of each call
         self.render_chunks = _Remote(self._render_chunks)
 
-    def options(self, **_: Any) -> FakeRenderer:
+    def options(self, **options: Any) -> FakeRenderer:
+        self.routing_keys.append(options.get("multiplexed_model_id"))
         return self
 
     def _render_chunks(self, chunks: list[LatentChunk], history: np.ndarray | None = None) -> _Stream:
@@ -340,4 +349,22 @@ def test_waiting_chunks_of_a_shot_go_in_one_streaming_call(die_on):
     else:  # chunk 0 came back, chunk 1 died: it went again, alone, with the shot's first 2 latent frames
         assert batches == [[0, 1], [1], [2]] and port.retries == 1
         assert (0, 1, 2, "FrameChunk") in renderer.calls
-    assert port.history == {} and port.lanes == {}  # the shot's last chunk dropped what it kept
+    # The shot spans calls: each carries its key, so they reach the replica holding its decoder cache.
+    assert renderer.routing_keys == ["video_r:0"] * 2
+    assert port.history == {} and port.lanes == {} and port.keyed == set()  # the shot's end dropped them
+
+
+def test_a_shot_sent_whole_carries_no_routing_key():
+    """Every new key is pushed to Serve's controller and broadcast to every renderer handle: a shot
+    decoded in one call needs no affinity, so it goes without one."""
+    renderer = FakeRenderer(_config(), set())
+    z_dim = renderer.replica.renderer.backend.vae.config.z_dim
+    chunks = _shot_chunks(np.random.default_rng(4).standard_normal((1, z_dim, 6, 8, 8)).astype(np.float32))
+    port = RemoteFrameRenderer(renderer, NO_WAIT, "video_r", max_in_flight=2)
+
+    async def scenario() -> list[Any]:
+        return list(await asyncio.gather(*(port.render(chunk) for chunk in chunks)))
+
+    got = asyncio.run(scenario())
+    assert [frames.chunk_index for frames in got] == [0, 1, 2]
+    assert renderer.routing_keys == [None] and port.keyed == set()

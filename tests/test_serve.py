@@ -365,9 +365,9 @@ def test_briefs_breaking_advertising_rules_are_refused_or_rewritten(http):
 
 
 def test_finished_shots_leave_no_routing_state_behind(server, http):
-    """Each shot is routed to its renderer replica by a key of its own; Serve's router would keep every
-    finished shot's last call (its latents) under that key for good (serve/stage_clients.py,
-    forget_routing_key). Videos done, the compositor's router holds no keys."""
+    """A shot whose chunks take several renderer calls is routed by a key of its own; Serve's router
+    would keep every finished shot's last call (its latents) under that key for good
+    (serve/stage_clients.py, forget_routing_key). Videos done, the compositor's router holds no keys."""
     from ray import serve
 
     for seed in range(3):
@@ -377,6 +377,54 @@ def test_finished_shots_leave_no_routing_state_behind(server, http):
             response.read()
     compositor = serve.get_deployment_handle("compositor", "shopreel")
     assert compositor.stats.remote().result() == {"renderer_routing_keys": 0}
+
+
+def test_a_shot_split_over_calls_is_keyed_and_its_key_let_go(server):
+    """The renderer port against the live renderer through a real Serve router: a shot sent in two
+    calls carries its key on both (Serve keeps the first call under it), a whole shot carries none, and
+    nothing stays indexed once the shots are done."""
+    import asyncio
+
+    import numpy as np
+    from ray import serve
+
+    from shopreel.pipelines.types import LatentChunk
+    from shopreel.serve.stage_clients import RemoteFrameRenderer, RetryPolicy, routing_keys_held
+
+    latents = np.random.default_rng(5).standard_normal((1, 16, 3, 8, 8)).astype(np.float32)  # 64x64
+
+    def chunks(shot: int) -> list[LatentChunk]:
+        bounds = [(0, 1), (1, 3)]
+        return [
+            LatentChunk(
+                "video_split", shot, i, a, b, latents[:, :, a:b], is_last=i == 1, is_last_shot=shot == 1
+            )
+            for i, (a, b) in enumerate(bounds)
+        ]
+
+    async def scenario() -> tuple[list[str | None], int | None, int | None, list[int]]:
+        handle = serve.get_deployment_handle("renderer", "shopreel")
+        keys: list[str | None] = []
+        options = handle.options
+
+        def recording(**kwargs):
+            keys.append(kwargs.get("multiplexed_model_id"))
+            return options(**kwargs)
+
+        handle.options = recording  # type: ignore[method-assign]
+        port = RemoteFrameRenderer(handle, RetryPolicy(), "video_split", max_in_flight=2)
+        split = chunks(0)
+        frames = [await port.render(split[0])]  # the shot goes on in a later call: keyed
+        held_mid_shot = routing_keys_held(handle)
+        frames.append(await port.render(split[1]))
+        frames += await asyncio.gather(*(port.render(chunk) for chunk in chunks(1)))  # whole: no key
+        await asyncio.sleep(0)  # the router prunes on its loop
+        return keys, held_mid_shot, routing_keys_held(handle), [f.frames.shape[0] for f in frames]
+
+    keys, held_mid_shot, held_after, frame_counts = asyncio.run(scenario())
+    assert keys == ["video_split:0", "video_split:0", None]
+    assert held_mid_shot == 1 and held_after == 0
+    assert frame_counts == [1, 8, 1, 8]
 
 
 def test_accepted_jobs_survive_an_app_restart(server, http):
