@@ -4,7 +4,7 @@ China's Advertising Law (Art. 9, 17, 28) forbids absolute claims (最/第一/国
 medical claims for ordinary goods, and advertising some goods at all; platforms apply the same rules
 to English listings (no "best", "#1", "cures"). ``CompliantPlanner`` wraps any planner:
 
-1. the merchant's brief (title, selling points, attribute values) is checked under the request's
+1. the merchant's brief (title, selling points, attribute values, steps) is checked under the request's
    policy: ``reject`` raises ``ComplianceError`` (a ``ValueError``: HTTP 400) naming every offending
    term and field; ``rewrite`` replaces each term by a compliant wording (or drops it) and records it;
 2. prohibited goods (category or title) are refused under either policy: no wording makes them legal;
@@ -194,13 +194,23 @@ class CompliantPlanner:
             findings += found
             if text:
                 attributes[key] = text
+        steps: list[str] = []
+        emptied: list[ComplianceFinding] = []
+        for position, step in enumerate(brief.steps):
+            text, found = self.rules.review(step, f"brief.steps[{position}]", rewrite)
+            findings += found
+            steps.append(text)
+            if not text:  # a step cannot be dropped: the numbering would lie
+                emptied += found
         if findings and not rewrite:
             raise ComplianceError(findings)
         if not findings:
             return brief, []
         if not title:
             raise ComplianceError([f for f in findings if f.field == "brief.title"])  # nothing left to show
-        update = {"title": title, "selling_points": points, "attributes": attributes}
+        if emptied:
+            raise ComplianceError(emptied)
+        update = {"title": title, "selling_points": points, "attributes": attributes, "steps": steps}
         return brief.model_copy(update=update), findings
 
     def review_storyboard(self, storyboard: Storyboard) -> tuple[Storyboard, list[ComplianceFinding]]:

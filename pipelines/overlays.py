@@ -69,6 +69,14 @@ def load_font(path: str, size: int, index: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size=size, index=index)
 
 
+@dataclass(frozen=True)
+class _CaptionLayout:
+    font: ImageFont.FreeTypeFont
+    lines: list[str]
+    line_height: int
+    band_top: int  # the band runs from here to the frame's bottom edge
+
+
 class OverlayPainter:
     """Draws the overlay of each shot of a storyboard; sizes scale with the frame height."""
 
@@ -96,6 +104,8 @@ class OverlayPainter:
         label_bottom = self._draw_aigc_label(draw)
         if self.storyboard.badge_text:
             self._draw_badge(draw, self.storyboard.badge_text)
+        if shot.step_number is not None:
+            self._draw_step_number(draw, shot.step_number)
         caption_top = self._draw_caption(draw, shot.caption) if shot.caption else self.height
         if self.product_images and shot.kind != ShotKind.hook:
             picture = self.product_images[shot.index % len(self.product_images)]
@@ -122,16 +132,60 @@ class OverlayPainter:
         return y1
 
     def _draw_badge(self, draw: ImageDraw.ImageDraw, text: str) -> None:
+        x0, y0, x1, y1, font, pad = self._badge_layout(draw, text)
+        left, top, _, _ = _text_box(draw, text, font)
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=pad, fill=_hex_rgba(self.storyboard.accent_color))
+        draw.text((x0 + pad - left, y0 + pad - top), text, font=font, fill=WHITE)
+
+    def _badge_layout(
+        self, draw: ImageDraw.ImageDraw, text: str
+    ) -> tuple[int, int, int, int, ImageFont.FreeTypeFont, int]:
+        """The campaign badge's box (top left), font and padding."""
         font = self.font(0.055)
         left, top, right, bottom = _text_box(draw, text, font)
         pad = max(1, int(font.size) // 4)
         x0 = y0 = self.margin
-        x1, y1 = x0 + (right - left) + 2 * pad, y0 + (bottom - top) + 2 * pad
-        draw.rounded_rectangle((x0, y0, x1, y1), radius=pad, fill=_hex_rgba(self.storyboard.accent_color))
-        draw.text((x0 + pad - left, y0 + pad - top), text, font=font, fill=WHITE)
+        return x0, y0, x0 + (right - left) + 2 * pad, y0 + (bottom - top) + 2 * pad, font, pad
 
-    def _draw_caption(self, draw: ImageDraw.ImageDraw, text: str) -> int:
-        """Caption centred in a translucent band at the bottom; returns the band's top edge."""
+    def step_badge_box(self) -> tuple[int, int, int, int]:
+        """Where a step shot's number is drawn: a disc at the left, below the campaign badge if any."""
+        from PIL import Image, ImageDraw
+
+        top = self.margin
+        if self.storyboard.badge_text:
+            draw = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+            top = self._badge_layout(draw, self.storyboard.badge_text)[3] + self.margin
+        side = max(12, round(self.height * 0.16))
+        return self.margin, top, self.margin + side, top + side
+
+    def _draw_step_number(self, draw: ImageDraw.ImageDraw, number: int) -> None:
+        """The step's number, white on an accent disc: what a viewer follows a how-to video by."""
+        x0, y0, x1, y1 = self.step_badge_box()
+        draw.ellipse((x0, y0, x1, y1), fill=_hex_rgba(self.storyboard.accent_color))
+        text = str(number)
+        font = self.font(0.1)
+        left, top, right, bottom = _text_box(draw, text, font)
+        x = x0 + (x1 - x0 - (right - left)) // 2 - left
+        y = y0 + (y1 - y0 - (bottom - top)) // 2 - top
+        draw.text((x, y), text, font=font, fill=WHITE)
+
+    def caption_box(self, shot: Shot) -> tuple[int, int, int, int] | None:
+        """Where ``shot``'s caption band is drawn (left, top, right, bottom; pixels, end exclusive).
+
+        None when the shot has no caption. The same layout as the drawing (``_caption_layout``), so
+        quality checks (pipelines/quality.py) measure exactly the band the viewer sees.
+        """
+        if not shot.caption:
+            return None
+        from PIL import Image, ImageDraw
+
+        # textlength depends on the draw's mode: measure on an RGBA canvas, like the overlay layer.
+        draw = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+        band_top = self._caption_layout(draw, shot.caption).band_top
+        return 0, max(0, band_top), self.width, self.height
+
+    def _caption_layout(self, draw: ImageDraw.ImageDraw, text: str) -> _CaptionLayout:
+        """Font, wrapped lines and band of a caption: the largest size that fits in two lines."""
         max_width = int(self.width * 0.92)
         for fraction in (0.07, 0.06, 0.05):
             font = self.font(fraction)
@@ -142,13 +196,19 @@ class OverlayPainter:
         line_height = int(font.size) + max(1, int(font.size) // 5)
         band_height = line_height * len(lines) + 2 * self.margin
         band_top = self.height - band_height
+        return _CaptionLayout(font=font, lines=lines, line_height=line_height, band_top=band_top)
+
+    def _draw_caption(self, draw: ImageDraw.ImageDraw, text: str) -> int:
+        """Caption centred in a translucent band at the bottom; returns the band's top edge."""
+        layout = self._caption_layout(draw, text)
+        font, band_top = layout.font, layout.band_top
         draw.rectangle((0, band_top, self.width, self.height), fill=CAPTION_BAND)
         y = band_top + self.margin
-        for line in lines:
+        for line in layout.lines:
             left, _, right, _ = _text_box(draw, line, font)
             x = (self.width - (right - left)) // 2 - left
             draw.text((x, y), line, font=font, fill=WHITE)
-            y += line_height
+            y += layout.line_height
         return band_top
 
     def _draw_price_and_cta(self, draw: ImageDraw.ImageDraw, bottom: int) -> None:

@@ -46,9 +46,15 @@ MAX_SHOT_FRAMES = 161  # 4k+1; twice Wan 2.1's trained clip length
 MAX_TOTAL_FRAMES = 1801
 MAX_PRICE = Decimal("1000000000")
 MAX_INTERESTS = 10
+MAX_STEPS = 10  # a how-to or process video: one shot per step, plus an opening shot and a closing one
 MAX_SEED = 2**32 - 1
 
 Language = Literal["zh", "en"]
+# showcase: the product and its selling points; tutorial: numbered how-to steps (customer service);
+# process: numbered steps of how it is made, checked and shipped. A shopper profile personalises and a
+# campaign themes any of them.
+VideoMode = Literal["showcase", "tutorial", "process"]
+STEP_MODES = ("tutorial", "process")
 
 
 class CameraMove(str, Enum):
@@ -71,6 +77,7 @@ class Transition(str, Enum):
 class ShotKind(str, Enum):
     hook = "hook"
     feature = "feature"
+    step = "step"  # one numbered step of a tutorial or process video
     cta = "cta"
 
 
@@ -176,6 +183,16 @@ class ProductBrief(BaseModel):
         description="absolute/medical claims in the brief: refuse it (400 naming them) or rewrite them; "
         "None: the server's pipeline.compliance.default_policy",
     )
+    mode: VideoMode = Field(
+        default="showcase",
+        description="showcase (selling points), tutorial (numbered how-to steps) or process (numbered "
+        "steps of making and shipping it)",
+    )
+    steps: list[ShortText] = Field(
+        default_factory=list,
+        max_length=MAX_STEPS,
+        description="tutorial/process: the steps in order, one shot each (e.g. 'Unscrew the lid')",
+    )
 
     @field_validator("title", "category", "style")
     @classmethod
@@ -183,6 +200,22 @@ class ProductBrief(BaseModel):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_not_blank(cls, value: list[str]) -> list[str]:
+        for position, step in enumerate(value):
+            if not step.strip():
+                raise ValueError(f"step {position + 1} must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_fit_mode(self) -> ProductBrief:
+        if self.mode in STEP_MODES and not self.steps:
+            raise ValueError(f"mode {self.mode!r} needs steps: the instructions, one per shot, in order")
+        if self.mode not in STEP_MODES and self.steps:
+            raise ValueError(f"steps are for mode 'tutorial' or 'process', not {self.mode!r}")
+        return self
 
     @field_validator("attributes")
     @classmethod
@@ -245,6 +278,9 @@ class Shot(BaseModel):
     transition: Transition = Field(default=Transition.cut, description="into the next shot")
     transition_frames: int = Field(default=0, ge=0, le=32, description="overlap with the next shot")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    step_number: int | None = Field(
+        default=None, ge=1, le=MAX_STEPS, description="a step shot's number, drawn in a badge"
+    )
 
     @field_validator("num_frames")
     @classmethod
@@ -259,6 +295,12 @@ class Shot(BaseModel):
             raise ValueError("transition_frames must be 0 for a cut")
         if self.transition == Transition.crossfade and not 1 <= self.transition_frames < self.num_frames:
             raise ValueError("a crossfade needs 1 <= transition_frames < num_frames")
+        return self
+
+    @model_validator(mode="after")
+    def _step_number_on_steps(self) -> Shot:
+        if (self.kind == ShotKind.step) != (self.step_number is not None):
+            raise ValueError("a step shot needs step_number, and only a step shot has one")
         return self
 
     @property
@@ -283,6 +325,7 @@ class Storyboard(BaseModel):
     accent_color: str = Field(default="#FF4D1A", pattern=r"^#[0-9A-Fa-f]{6}$")
     aigc_label: str = Field(min_length=1, max_length=40, description="visible AI-generated-content label")
     planner: str = Field(default="template", description="which planner wrote it")
+    mode: VideoMode = Field(default="showcase", description="the brief's mode")
     compliance: list[ComplianceFinding] = Field(
         default_factory=list, description="advertising-rule findings, rewritten before planning or after"
     )
@@ -300,6 +343,11 @@ class Storyboard(BaseModel):
                 raise ValueError(f"shots[{shot.index}].transition_frames must be < the next shot's frames")
         if self.total_frames > MAX_TOTAL_FRAMES:
             raise ValueError(f"storyboard has {self.total_frames} frames, more than {MAX_TOTAL_FRAMES}")
+        numbers = [shot.step_number for shot in self.shots if shot.step_number is not None]
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"step shots must be numbered 1, 2, ... in order, got {numbers}")
+        if numbers and self.mode not in STEP_MODES:
+            raise ValueError(f"step shots belong to a tutorial or process video, not {self.mode!r}")
         return self
 
     @property

@@ -39,7 +39,9 @@ from .types import (
     MAX_PROMPT_CHARS,
     MAX_SHOT_FRAMES,
     MAX_SHOTS,
+    MAX_STEPS,
     MAX_TOTAL_FRAMES,
+    STEP_MODES,
     CameraMove,
     Campaign,
     Language,
@@ -49,6 +51,7 @@ from .types import (
     ShotKind,
     Storyboard,
     Transition,
+    VideoMode,
     describe_validation_error,
 )
 
@@ -87,6 +90,22 @@ FEATURE_MOVES = (
     CameraMove.push_in,
 )
 CTA_MOVES = (CameraMove.pull_out, CameraMove.static, CameraMove.push_in)
+STEP_MOVES = (CameraMove.static, CameraMove.push_in, CameraMove.tilt_up)  # steady: the viewer follows along
+
+# What kind of video each mode's prompts ask the text-to-video model for, and what each shot shows.
+GENRES: dict[VideoMode, str] = {
+    "showcase": "Product commercial",
+    "tutorial": "How-to video",
+    "process": "Behind-the-scenes documentary",
+}
+STEP_FOCUS: dict[VideoMode, str] = {
+    "tutorial": "hands demonstrating step {number}: {step}, clear close-up of the product in use",
+    "process": "{step}, the {category} production and shipping process, workers and machines at work",
+}
+STEP_HOOK_FOCUS: dict[VideoMode, str] = {
+    "tutorial": "the product laid out ready to use, opening shot",
+    "process": "where the product begins, raw materials and the workshop, opening shot",
+}
 
 # Text we write ourselves, per language. User values are inserted verbatim.
 TEXTS: dict[str, dict[str, str]] = {
@@ -96,6 +115,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "price": "Now only {price}",
         "attribute": "{key}: {value}",
         "aigc": "AI-generated",
+        "tutorial_hook": "How to use {title}",
+        "process_hook": "How {title} is made",
     },
     "zh": {
         "hook": "全新 {title}",
@@ -103,6 +124,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "price": "到手价 {price}",
         "attribute": "{key}：{value}",
         "aigc": "AI生成",
+        "tutorial_hook": "{title} 使用教程",
+        "process_hook": "{title} 诞生记",
     },
 }
 # Feature subjects for a brief with neither selling points nor attributes: (en, zh, prompt focus).
@@ -199,8 +222,8 @@ def allocate_frames(
     extra = [min(cap, int(spare * w / total_weight)) for cap, w in zip(caps, weights, strict=True)]
     # 4. Rounding leftovers (and anything a cap refused) go to hook/CTA first, then the others.
     left = spare - sum(extra)
-    ends = [i for i, kind in enumerate(kinds) if kind != ShotKind.feature]
-    middle = [i for i, kind in enumerate(kinds) if kind == ShotKind.feature]
+    ends = [i for i, kind in enumerate(kinds) if kind in (ShotKind.hook, ShotKind.cta)]
+    middle = [i for i, kind in enumerate(kinds) if kind not in (ShotKind.hook, ShotKind.cta)]
     for group in (ends, middle):
         while left and any(extra[i] < caps[i] for i in group):
             for i in group:
@@ -223,6 +246,7 @@ class ShotSpec:
     camera_move: CameraMove
     weight: float = 1.0
     crossfade: bool = True  # into the next shot, when the config and the frames allow
+    step_number: int | None = None  # a step shot's number (tutorial and process videos)
 
 
 @dataclass(frozen=True)
@@ -327,7 +351,7 @@ def _prompt(ctx: PlanContext, focus: str, move: CameraMove) -> str:
     brief = ctx.brief
     attributes = [f"{key} {value}" for key, value in list(brief.attributes.items())[:PROMPT_ATTRIBUTES]]
     parts = [
-        "Product commercial",
+        GENRES[brief.mode],
         brief.title,
         brief.category,
         *attributes,
@@ -352,6 +376,23 @@ def _feature_spec(ctx: PlanContext, position: int) -> ShotSpec:
     subject, round_ = ctx.subjects[position % count], position // count
     move = FEATURE_MOVES[(ctx.brief.seed + position % count + round_) % len(FEATURE_MOVES)]
     return ShotSpec(ShotKind.feature, _prompt(ctx, subject.focus, move), subject.caption, move)
+
+
+def _step_hook_spec(ctx: PlanContext) -> ShotSpec:
+    """The opening shot of a tutorial or process video, titled for what follows."""
+    mode = ctx.brief.mode
+    move = STEP_MOVES[ctx.brief.seed % len(STEP_MOVES)]
+    caption = fit_caption(ctx.texts[f"{mode}_hook"].format(title=ctx.brief.title))
+    return ShotSpec(ShotKind.hook, _prompt(ctx, STEP_HOOK_FOCUS[mode], move), caption, move, crossfade=False)
+
+
+def _step_spec(ctx: PlanContext, number: int, step: str) -> ShotSpec:
+    """Step ``number`` (from 1): its text is the caption, its number goes in a badge."""
+    brief = ctx.brief
+    move = STEP_MOVES[(brief.seed + number) % len(STEP_MOVES)]
+    focus = STEP_FOCUS[brief.mode].format(number=number, step=step, category=brief.category)
+    # A cut between steps: a crossfade would show two steps' captions at once.
+    return ShotSpec(ShotKind.step, _prompt(ctx, focus, move), step, move, crossfade=False, step_number=number)
 
 
 def _cta_spec(ctx: PlanContext) -> ShotSpec:
@@ -401,6 +442,7 @@ def assemble_storyboard(
             transition=Transition.crossfade if fade else Transition.cut,
             transition_frames=fade,
             seed=(ctx.brief.seed + index) % 2**32,
+            step_number=spec.step_number,
         )
         for index, (spec, num_frames, fade) in enumerate(zip(specs, frames, fades, strict=True))
     ]
@@ -417,6 +459,7 @@ def assemble_storyboard(
         accent_color=ctx.accent_color,
         aigc_label=ctx.aigc_label,
         planner=planner,
+        mode=ctx.brief.mode,
     )
 
 
@@ -441,16 +484,33 @@ class TemplatePlanner:
         ctx = build_context(brief, profile, campaign)
         # 2. Try shot lists from the preferred one outwards: fewer shots for short videos, more
         #    for long ones; first with shots of >= 9 frames, then (tiny videos) >= 5.
+        step_mode = brief.mode in STEP_MODES
         for min_frames in (GOOD_SHOT_FRAMES, MIN_SHOT_FRAMES):
-            for specs in self._shot_lists(ctx):
+            for specs in self._step_lists(ctx) if step_mode else self._shot_lists(ctx):
                 fitted = _fit_specs(specs, ctx, self.config, min_frames)
                 if fitted is not None:
                     # 3. Frames are settled: build and validate the storyboard.
                     return assemble_storyboard(ctx, specs, *fitted, planner=self.name)
+        if step_mode:  # every step is needed: say how long the video must be
+            needed = len(brief.steps) * MIN_SHOT_FRAMES / ctx.fps
+            raise ValueError(
+                f"{len(brief.steps)} steps do not fit {brief.duration_s:g} s at {ctx.fps} fps: each needs "
+                f"at least {MIN_SHOT_FRAMES} frames, so give duration_s >= {needed:.1f} (or fewer steps)"
+            )
         raise ValueError(
             f"cannot plan {brief.duration_s:g} s at {ctx.fps} fps ({ctx.target_frames} frames): "
             f"a video holds at most {MAX_SHOTS} shots of {MIN_SHOT_FRAMES}..{MAX_SHOT_FRAMES} frames"
         )
+
+    def _step_lists(self, ctx: PlanContext) -> Iterator[list[ShotSpec]]:
+        """Opening shot + every step (+ price and call to action for a process video); then without the
+        opening, then without the closing shot. A step is never dropped: the numbering would lie."""
+        steps = [_step_spec(ctx, number, step) for number, step in enumerate(ctx.brief.steps, start=1)]
+        closing = [_cta_spec(ctx)] if ctx.brief.mode == "process" else []
+        yield [_step_hook_spec(ctx), *steps, *closing]
+        yield [*steps, *closing]
+        if closing:
+            yield steps
 
     def _shot_lists(self, ctx: PlanContext) -> Iterator[list[ShotSpec]]:
         """Hook + features + CTA; then fewer features, hook + CTA, hook alone; then more features."""
@@ -478,6 +538,7 @@ class DraftShot(BaseModel):
     camera_move: CameraMove = CameraMove.static
     transition: Transition = Transition.cut
     weight: float = Field(default=1.0, gt=0, le=10, allow_inf_nan=False)
+    step_number: int | None = Field(default=None, ge=1, le=MAX_STEPS)
 
     @field_validator("kind", "camera_move", "transition", mode="before")
     @classmethod
@@ -498,9 +559,10 @@ class StoryboardDraft(BaseModel):
 
 
 DRAFT_SCHEMA = (
-    '{"shots": [{"kind": "hook|feature|cta", "caption": str, "prompt": str, '
+    '{"shots": [{"kind": "hook|feature|step|cta", "caption": str, "prompt": str, '
     '"camera_move": "' + "|".join(move.value for move in CameraMove) + '", '
-    '"transition": "cut|crossfade", "weight": number}], "cta_text": str}'
+    '"transition": "cut|crossfade", "weight": number, "step_number": int (step shots only)}], '
+    '"cta_text": str}'
 )
 
 
@@ -538,6 +600,10 @@ def draft_to_storyboard(
     """The draft's shots with frames from the shared allocator; ValueError when they cannot fit."""
     # 1. Overlay fields (price, badge, label) come from the inputs, not from the model.
     ctx = build_context(brief, profile, campaign)
+    numbers = [shot.step_number for shot in draft.shots if shot.kind == ShotKind.step]
+    if numbers != list(range(1, len(brief.steps) + 1)):
+        # A how-to video that skips, repeats or invents a step is worse than the template's.
+        raise ValueError(f"draft has step shots {numbers}, the brief {len(brief.steps)} steps")
     specs = [
         ShotSpec(
             kind=shot.kind,
@@ -545,7 +611,8 @@ def draft_to_storyboard(
             caption=shot.caption.strip(),
             camera_move=shot.camera_move,
             weight=shot.weight,
-            crossfade=shot.transition == Transition.crossfade,
+            crossfade=shot.transition == Transition.crossfade and shot.kind != ShotKind.step,
+            step_number=shot.step_number if shot.kind == ShotKind.step else None,
         )
         for shot in draft.shots
     ]
@@ -618,7 +685,14 @@ class LLMPlanner:
     ) -> list[dict[str, str]]:
         """System rules + the inputs as JSON; ``shot_count`` (the template's) suits the duration."""
         language = "Simplified Chinese" if brief.language == "zh" else "English"
-        if shot_count == 1:
+        if brief.mode in STEP_MODES:
+            what = "a how-to video" if brief.mode == "tutorial" else "how the product is made and shipped"
+            closing = ", then one cta shot last" if brief.mode == "process" else ""
+            layout = (
+                f"{what}: one hook shot, then exactly one step shot per entry of brief.steps, in order, "
+                f"with step_number 1 to {len(brief.steps)} and the step as its caption{closing}"
+            )
+        elif shot_count == 1:
             layout = "exactly one hook shot (product reveal)"
         else:
             layout = (

@@ -61,6 +61,19 @@ def test_plan_prints_a_valid_storyboard():
     assert storyboard.language == "zh" and storyboard.badge_text == "双11"
 
 
+@pytest.mark.parametrize(("name", "steps"), [("brief_tutorial.json", 4), ("brief_process_zh.json", 4)])
+def test_plan_a_how_to_and_a_process_brief(name, steps):
+    result = runner.invoke(app, ["plan", str(EXAMPLES / name)])
+    assert result.exit_code == 0, result.output
+    storyboard = Storyboard.model_validate_json(result.stdout)
+    assert [shot.step_number for shot in storyboard.shots if shot.step_number] == list(range(1, steps + 1))
+
+
+def test_a_tutorial_without_steps_is_a_message_and_exit_2(tmp_path):
+    result = runner.invoke(app, ["plan", str(_write(tmp_path, {"title": "Bottle", "mode": "tutorial"}))])
+    assert result.exit_code == 2 and "needs steps" in result.output
+
+
 def test_presets_lists_tiny():
     result = runner.invoke(app, ["presets"])
     assert result.exit_code == 0 and "tiny" in result.output

@@ -198,6 +198,28 @@ def test_streaming_product_video_overlaps_generation(http, tmp_path):
     assert http.get(f"/v1/videos/{video_id}/content").content[:12] != b""
 
 
+def test_a_tutorial_brief_streams_a_video_with_one_shot_per_step(http, tmp_path):
+    brief = {
+        "title": "Trail bottle",
+        "mode": "tutorial",
+        "steps": ["Unscrew the lid", "Rinse it"],
+        "duration_s": 2,
+        "size": "64x64",
+        "fps": 8,
+    }
+    body = {"brief": brief, "stream": True, "num_inference_steps": 2}
+    with http.stream("POST", "/v1/product-videos", json=body) as response:
+        assert response.status_code == 200, response.read()
+        video_id = response.headers["x-shopreel-video-id"]
+        (tmp_path / "tutorial.mp4").write_bytes(response.read())
+    record = http.get(f"/v1/videos/{video_id}").json()
+    assert record["status"] == "completed"
+    assert probe(tmp_path / "tutorial.mp4").frames == record["shopreel"]["num_frames"]
+    # No steps for a tutorial: a 400 before anything is made.
+    refused = http.post("/v1/product-videos", json={"brief": {**brief, "steps": []}})
+    assert refused.status_code == 400 and "needs steps" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
