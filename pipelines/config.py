@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Config(BaseModel):
@@ -122,6 +122,53 @@ class ComplianceConfig(_Config):
     )
 
 
+class QualityConfig(_Config):
+    """Thresholds that flag a finished video (pipelines/quality.py); the numbers are always reported."""
+
+    analysis_side: int = Field(
+        default=256, ge=32, le=4096, description="frames are box-downscaled to at most this longer side"
+    )
+    max_flicker: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=2.0,
+        description="5-frame median |2nd difference| of mean luma (0..1); 0.02: a 1% flip every frame",
+    )
+    min_ssim: float = Field(
+        default=0.7,
+        ge=-1.0,
+        le=1.0,
+        description="mean SSIM of consecutive frames; coherent footage scores above ~0.8, noise about 0",
+    )
+    max_black_fraction: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="share of black frames allowed (a short fade to black)"
+    )
+    max_frozen_run_s: float = Field(
+        default=1.0, ge=0.0, le=60.0, description="longest still picture allowed, seconds (a stalled shot)"
+    )
+    min_caption_contrast: float = Field(
+        default=4.5, ge=1.0, le=21.0, description="WCAG 2.x contrast of caption text on its band (AA: 4.5)"
+    )
+    loudness_range_lufs: tuple[float, float] = Field(
+        default=(-24.0, -10.0),
+        description="BS.1770 integrated loudness allowed: below broadcast's -23 a clip sounds weak on a "
+        "phone; above -10 it is squashed, and platforms (about -14) turn it down anyway",
+    )
+    max_clipped_fraction: float = Field(
+        default=0.001, ge=0.0, le=1.0, description="share of samples at |x| >= 0.999 (sustained clipping)"
+    )
+
+    @model_validator(mode="after")
+    def _check_loudness_range(self) -> QualityConfig:
+        low, high = self.loudness_range_lufs
+        if not -70.0 <= low <= high <= 0.0:
+            raise ValueError(
+                f"loudness_range_lufs must be (min, max) with -70 <= min <= max <= 0, "
+                f"got {self.loudness_range_lufs}"
+            )
+        return self
+
+
 class PipelineConfig(_Config):
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
@@ -129,3 +176,6 @@ class PipelineConfig(_Config):
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     compose: ComposeConfig = Field(default_factory=ComposeConfig)
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig, description="thresholds that flag a finished video's quality report"
+    )
