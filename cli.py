@@ -234,6 +234,22 @@ def _print_result(result: Any, output: Path, thumbnail: Path | None) -> None:
         f"({result.frames_per_s:.1f} frames/s)",
         highlight=False,
     )
+    if result.quality is not None:
+        _print_quality(result.quality)
+
+
+def _print_quality(report: Any) -> None:
+    def number(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    verdict = "[green]passed[/]" if report.passed else f"[yellow]flagged: {', '.join(report.flags)}[/]"
+    console.print(
+        f"quality: {verdict} (flicker {report.flicker:.3f}, SSIM {number(report.ssim_mean, '.2f')}, black "
+        f"{report.black_fraction:.0%}, frozen {report.frozen_run_s:.1f}s, caption contrast "
+        f"{number(report.caption_contrast, '.1f')}:1, loudness {number(report.loudness_lufs, '.1f')} LUFS, "
+        f"clipped {number(report.clipped_fraction, '.2%')})",
+        highlight=False,
+    )
 
 
 @app.command()

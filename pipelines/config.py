@@ -125,6 +125,10 @@ class ComplianceConfig(_Config):
 class QualityConfig(_Config):
     """Thresholds that flag a finished video (pipelines/quality.py); the numbers are always reported."""
 
+    enabled: bool = Field(
+        default=True,
+        description="score every finished video (decodes it once more: ~0.8 s of CPU for 10 s at 832x480)",
+    )
     analysis_side: int = Field(
         default=256, ge=32, le=4096, description="frames are box-downscaled to at most this longer side"
     )

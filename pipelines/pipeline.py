@@ -30,6 +30,7 @@ from .produce import (
     ProductionProgress,
     produce,
 )
+from .quality import QualityReport
 from .render import StreamingRenderer
 from .types import Campaign, ProductBrief, ProductImage, ShopperProfile, StageTimings, Storyboard
 from .understand import build_planner
@@ -47,6 +48,7 @@ class VideoResult:
     num_inference_steps: int
     fragment_count: int = 0
     per_shot_denoise_s: list[float] = field(default_factory=list)
+    quality: QualityReport | None = None  # None: scoring off (or no file written)
 
     @property
     def frames_per_s(self) -> float:
@@ -149,6 +151,7 @@ class ProductVideoPipeline:
                 thumbnail_path=thumbnail_path,
                 started=started,
                 understand_s=understand_s,
+                quality=self.config.quality,
             )
             async for event in events:
                 if isinstance(event, Produced):
@@ -169,4 +172,5 @@ class ProductVideoPipeline:
             num_inference_steps=self.generator.settings(num_inference_steps).num_inference_steps,
             fragment_count=produced.fragment_count,
             per_shot_denoise_s=produced.shot_denoise_s,
+            quality=produced.quality,
         )

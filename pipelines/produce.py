@@ -16,6 +16,7 @@ fragment is emitted while later shots are still denoising. Events: ``ProductionP
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -26,9 +27,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from .compose import ComposeResult, CompositionSession, Compositor
+from .config import QualityConfig
 from .generate import LatentGenerator
+from .quality import QualityReport, caption_regions, score_file
 from .render import StreamingRenderer
 from .types import FrameChunk, LatentChunk, ProductImage, StageTimings, Storyboard
+
+logger = logging.getLogger(__name__)
 
 # --- what a production is asked for, and what it emits -------------------------------------------
 
@@ -86,6 +91,7 @@ class Produced:
     shot_denoise_s: list[float]  # seconds each shot took to denoise
     shot_denoised_at: list[float]  # wall clock (time.time) when each shot's latents arrived
     fragment_count: int
+    quality: QualityReport | None = None  # None: scoring is off, or it failed (logged)
     # Filled by a compositor replica: its files are on its own node, the bytes are what travel.
     mp4: bytes = b""
     thumbnail: bytes = b""
@@ -265,6 +271,17 @@ class LocalFrameRenderer:
 # --- the driver ----------------------------------------------------------------------------------
 
 
+def score_video(
+    path: Path, storyboard: Storyboard, font_path: Path | None, config: QualityConfig
+) -> QualityReport | None:
+    """The finished file's quality report; None (logged) if scoring fails: the video itself is fine."""
+    try:
+        return score_file(path, captions=caption_regions(storyboard, font_path=font_path), config=config)
+    except Exception:  # noqa: BLE001 - a measurement must never fail a finished video
+        logger.warning("scoring %s failed", path, exc_info=True)
+        return None
+
+
 async def produce(
     order: ProductionOrder,
     source: LatentSource,
@@ -276,12 +293,14 @@ async def produce(
     started: float | None = None,
     understand_s: float = 0.0,
     progress_interval_s: float = 0.0,
+    quality: QualityConfig | None = None,
 ) -> AsyncGenerator[ProductionEvent, None]:
     """Produce one video: progress and fragments as they happen, then ``Produced``.
 
     ``started`` (``time.perf_counter``) is when the request began, for first-fragment and total times.
     ``progress_interval_s``: least time between two ``ProductionProgress`` events (each is a message,
     and a job record write, when the driver runs on a replica); fragments are never held back.
+    ``quality``: score the finished file (``pipelines/quality.py``) after its last fragment is out.
     """
     started = time.perf_counter() if started is None else started
     storyboard = order.storyboard
@@ -356,11 +375,17 @@ async def produce(
         finished = True
         for data in tail:
             yield fragment(data)
+        report = None
+        if quality is not None and quality.enabled and mp4_path is not None:
+            scored_at = time.perf_counter()
+            font_path = compositor.config.font_path
+            report = await asyncio.to_thread(score_video, mp4_path, storyboard, font_path, quality)
+            timings.quality_s = time.perf_counter() - scored_at
         timings.compose_s = result.encode_s
         timings.render_retries = renderer.retries
         timings.generate_restarts = source.restarts
         timings.total_s = time.perf_counter() - started
-        yield Produced(result, timings, shot_denoise_s, shot_denoised_at, fragment_count)
+        yield Produced(result, timings, shot_denoise_s, shot_denoised_at, fragment_count, report)
     finally:
         feeder.cancel()
         for task in render_tasks:

@@ -426,6 +426,7 @@ class StageTimings:
     generate_s: float = 0.0
     render_s: float = 0.0
     compose_s: float = 0.0
+    quality_s: float = 0.0  # scoring the finished video (pipelines/quality.py)
     first_fragment_s: float | None = None  # from request start
     total_s: float = 0.0
     render_retries: int = 0  # chunks rendered again after their renderer replica was lost

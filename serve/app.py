@@ -314,6 +314,7 @@ class Ingress:
             "timings": record.timings,
             "attempts": record.attempts,
             "compliance": _compliance_findings(record),
+            "quality": record.quality,
         }
         headers = (
             {POLL_AFTER_HEADER: str(POLL_AFTER_MS)} if record.status in ("queued", "in_progress") else {}

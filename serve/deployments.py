@@ -396,6 +396,7 @@ class CompositorDeployment:
             thumbnail_path=thumbnail_path,
             started=started,
             progress_interval_s=self.config.progress_interval_s,
+            quality=self.config.pipeline.quality,
         )
         first_fragment = True
         self.stage_metrics.add(sm.VIDEOS_IN_FLIGHT, 1)

@@ -545,8 +545,10 @@ class JobService:
                         else None,
                     }
                     now = int(time.time())
+                    quality = None if event.quality is None else event.quality.model_dump(mode="json")
                     await self._update_owned(
                         record.id,
+                        quality=quality,
                         stored_bytes=len(event.mp4) + len(event.thumbnail),
                         status="completed",
                         progress=100,
@@ -555,6 +557,8 @@ class JobService:
                         timings=timings,
                     )
                     self.metrics.observe_video(timings, event.compose.num_frames)
+                    if event.quality is not None:
+                        self.metrics.observe_quality(event.quality.flags)
                     outcome = "completed"
             if outcome != "completed":  # the compositor ends every stream with the video or an error
                 raise RuntimeError(f"the compositor's stream for {record.id} ended without a video")

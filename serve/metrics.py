@@ -10,7 +10,7 @@ ingress replica on every node and sums them, like the stage replicas' series and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -55,6 +55,18 @@ class ServingMetrics:
         )
         self.errors = Counter(
             "shopreel_errors_total", "Errors answered or met, by type", ["type"], registry=self.registry
+        )
+        self.videos_scored = Counter(
+            "shopreel_videos_scored_total",
+            "Completed videos with a quality report, by whether they passed every threshold",
+            ["passed"],
+            registry=self.registry,
+        )
+        self.quality_flags = Counter(
+            "shopreel_video_quality_flags_total",
+            "Quality flags raised on completed videos, by flag",
+            ["flag"],
+            registry=self.registry,
         )
         self.videos_expired = Counter(
             "shopreel_videos_expired_total", "Expired videos deleted (files, record)", registry=self.registry
@@ -113,6 +125,14 @@ class ServingMetrics:
         self.cluster.set(sm.JOBS_IN_PROGRESS, counts["in_progress"])
         self.cluster.set(sm.STREAMS_ADMITTED, counts.get("admitted_stream", 0))  # absent: none admitted
         self.cluster.set(sm.STORED_BYTES, counts.get("stored_bytes", 0))
+
+    def observe_quality(self, flags: Sequence[str]) -> None:
+        """A completed video's quality flags (none: it passed)."""
+        self.videos_scored.labels(passed=str(not flags).lower()).inc()
+        self.cluster.inc(sm.INGRESS_VIDEOS_SCORED, passed=str(not flags).lower())
+        for flag in flags:
+            self.quality_flags.labels(flag=flag).inc()
+            self.cluster.inc(sm.INGRESS_QUALITY_FLAGS, flag=flag)
 
     def expired(self, videos: int, size: int) -> None:
         """The sweeper deleted ``videos`` expired videos of ``size`` bytes."""

@@ -141,6 +141,18 @@ INGRESS_FIRST_FRAGMENT_SECONDS = Series(
     VIDEO_BUCKETS,
 )
 INGRESS_FRAMES = Series("shopreel_ingress_frames", "counter", "Frames of completed videos")
+INGRESS_VIDEOS_SCORED = Series(
+    "shopreel_ingress_videos_scored",
+    "counter",
+    "Completed videos with a quality report, by whether they passed every threshold",
+    labels=("passed",),
+)
+INGRESS_QUALITY_FLAGS = Series(
+    "shopreel_ingress_quality_flags",
+    "counter",
+    "Quality flags on completed videos, by flag",
+    labels=("flag",),
+)
 INGRESS_EXPIRED_VIDEOS = Series(
     "shopreel_ingress_expired_videos", "counter", "Videos the replica's sweeper deleted after they expired"
 )
@@ -188,6 +200,8 @@ ALL_SERIES = (
     INGRESS_EXPIRED_VIDEOS,
     INGRESS_EXPIRED_BYTES,
     INGRESS_FRAMES,
+    INGRESS_VIDEOS_SCORED,
+    INGRESS_QUALITY_FLAGS,
     JOBS_QUEUED,
     JOBS_IN_PROGRESS,
     PENDING_LIMIT,

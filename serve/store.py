@@ -94,10 +94,11 @@ class JobRecord(BaseModel):
     priority: JobPriority = Field(default="normal", description="bulk: claimed after normal jobs")
     tenant: str = Field(default="default", pattern=TENANT_PATTERN, description="whose video it is")
     stored_bytes: int = Field(default=0, ge=0, description="bytes of its files in the video store")
+    quality: dict[str, Any] | None = Field(default=None, description="the finished video's quality report")
 
 
 _COLUMNS = tuple(JobRecord.model_fields)
-_JSON_COLUMNS = ("error", "timings")
+_JSON_COLUMNS = ("error", "timings", "quality")
 _IMMUTABLE = frozenset({"id", "created_at", "kind", "tenant"})
 # One advisory lock serialises admission and claiming across every replica of the cluster.
 _ADMISSION_LOCK_KEY = 0x5E09_EE1
@@ -162,7 +163,10 @@ _SCHEMA_V4 = """
         revoked_at BIGINT
     )
 """
-SCHEMA_VERSION = 4
+_SCHEMA_V5 = """
+    ALTER TABLE jobs ADD COLUMN quality TEXT
+"""
+SCHEMA_VERSION = 5
 QUOTA_WINDOW_S = 60  # videos_per_minute counts the videos a tenant started in this rolling window
 
 
@@ -244,6 +248,8 @@ class JobStore(abc.ABC):
             self._apply(conn, _SCHEMA_V3)
         if version < 4:
             self._apply(conn, _SCHEMA_V4)
+        if version < 5:
+            self._apply(conn, _SCHEMA_V5)
 
     # -- records --------------------------------------------------------------------------------
 

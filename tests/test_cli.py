@@ -119,6 +119,7 @@ def test_generate_example_writes_the_planned_video(tmp_path):
     assert thumb.read_bytes()[:3] == b"\xff\xd8\xff"
     assert "noise-like" in done.stderr  # the tiny preset says its pictures are untrained
     assert "renderer: onnxruntime fp32 on cpu" in done.stderr  # what "auto" chose
+    assert "quality: " in done.stderr and "LUFS" in done.stderr  # every video is scored
 
 
 def test_quantize_bad_input_is_a_message_and_exit_2(tmp_path):

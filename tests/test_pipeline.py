@@ -147,3 +147,22 @@ def test_progress_reports_are_rate_limited_and_fragments_are_not(pipeline):
         return b"".join(e.data for e in events if isinstance(e, Fragment))
 
     assert fragments(spaced) == fragments(every) and isinstance(spaced[-1], Produced)
+
+
+def test_every_finished_video_is_scored_and_scoring_can_be_switched_off(pipeline, tiny_model, tmp_path):
+    from shopreel.pipelines.config import QualityConfig
+    from shopreel.pipelines.quality import caption_regions, score_file
+
+    result = pipeline.run(_brief(), output_path=tmp_path / "v.mp4")
+    report = result.quality
+    assert report is not None and result.timings.quality_s > 0
+    # The report is the file's, as the quality module measures it, caption bands included.
+    regions = caption_regions(result.storyboard)
+    assert report == score_file(tmp_path / "v.mp4", captions=regions, config=pipeline.config.quality)
+    assert report.num_frames == result.storyboard.total_frames and report.caption_contrast is not None
+
+    off = ProductVideoPipeline(
+        pipeline.config.model_copy(update={"quality": QualityConfig(enabled=False)}), model=tiny_model
+    )
+    unscored = off.run(_brief(), output_path=tmp_path / "w.mp4")
+    assert unscored.quality is None and unscored.timings.quality_s == 0

@@ -191,6 +191,10 @@ def test_streaming_product_video_overlaps_generation(http, tmp_path):
     assert record["status"] == "completed"
     assert probe(tmp_path / "stream.mp4").frames == record["shopreel"]["num_frames"] == 9 * 4 - 3 * 2
     timings = record["shopreel"]["timings"]
+    # Every video is scored; the report is kept with it (the tiny model's noise-like frames may be flagged).
+    quality = record["shopreel"]["quality"]
+    assert quality["num_frames"] == record["shopreel"]["num_frames"] and quality["has_audio"] is True
+    assert quality["passed"] == (quality["flags"] == []) and timings["quality_s"] > 0
     # Stage clocks: the compositor's first fragment left before the generator finished the 4th shot.
     assert timings["first_fragment_at"] < timings["last_shot_denoised_at"], timings
     assert len(arrivals) > 1 and arrivals[0] < arrivals[-1]
@@ -309,6 +313,7 @@ def test_metrics_expose_the_named_series(http):
         "shopreel_in_flight_requests",
         "shopreel_frames_rendered_total",
         "shopreel_errors_total",
+        "shopreel_videos_scored_total",
     ):
         assert series in text, series
     assert 'stage="render"' in text
