@@ -639,6 +639,9 @@ def tenants_set(
     max_streams: Annotated[int | None, typer.Option(help="streaming + sync videos at once")] = None,
     videos_per_minute: Annotated[int | None, typer.Option(help="videos accepted per rolling minute")] = None,
     max_stored_bytes: Annotated[int | None, typer.Option(help="bytes of finished videos kept")] = None,
+    compliance: Annotated[
+        str | None, typer.Option(help="reject|rewrite: policy for its briefs that name none")
+    ] = None,
     clear: Annotated[bool, typer.Option("--clear", help="drop its own quotas: the defaults apply")] = False,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
@@ -651,6 +654,7 @@ def tenants_set(
     _check_tenant(tenant)
     given = {"max_jobs": max_jobs, "max_streams": max_streams, "videos_per_minute": videos_per_minute}
     given["max_stored_bytes"] = max_stored_bytes
+    given["compliance"] = compliance
     if clear and any(value is not None for value in given.values()):
         raise _fail("--clear takes no quota options")
     try:

@@ -27,6 +27,7 @@ import numpy as np
 from ..kernels.yuv420 import Yuv420Frames, rgb_to_yuv420
 from .audio import AUDIO_CHANNELS, background_bed, load_audio_file
 from .config import ComposeConfig
+from .narration import mix_narration
 from .overlays import Overlay, OverlayPainter
 from .types import FrameChunk, Storyboard
 
@@ -141,6 +142,11 @@ class CompositionSession:
             self.audio = load_audio_file(audio, duration_s, sample_rate)
         else:
             raise ValueError(f"audio must be 'bed', 'none' or a file path, got {audio!r}")
+        if storyboard.narration:  # the captions spoken over the (ducked) soundtrack, or alone
+            num_samples = max(1, round(duration_s * sample_rate))
+            self.audio, self.spoken = mix_narration(
+                self.audio, storyboard, num_samples, sample_rate, AUDIO_CHANNELS, config.narration
+            )
 
         painter = OverlayPainter(storyboard, product_images, config.font_path)
         self.overlays: list[Overlay | None] = [painter.shot_overlay(shot) for shot in storyboard.shots]

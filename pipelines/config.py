@@ -87,6 +87,32 @@ class PlannerConfig(_Config):
     crossfade_s: float = Field(default=0.25, ge=0.0, le=1.0, description="crossfade length; 0: all cuts")
 
 
+class NarrationConfig(_Config):
+    """Spoken captions (pipelines/narration.py), for briefs that ask for narration."""
+
+    engine: str = Field(
+        default="espeak-ng", min_length=1, description="text-to-speech executable (espeak-ng CLI)"
+    )
+    words_per_minute: int = Field(
+        default=160,
+        ge=80,
+        le=300,
+        description="speaking rate; a caption too long for its shot is spoken faster",
+    )
+    voice_volume: float = Field(default=0.8, ge=0.0, le=1.0, description="gain of the voice")
+    duck_to: float = Field(
+        default=0.3, ge=0.0, le=1.0, description="music level while the voice speaks (0.3: about -10 dB)"
+    )
+    ramp_s: float = Field(default=0.15, ge=0.0, le=2.0, description="how fast the music dips and comes back")
+    hold_s: float = Field(
+        default=0.3, ge=0.0, le=2.0, description="the music stays down over pauses this short"
+    )
+    lead_s: float = Field(
+        default=0.15, ge=0.0, le=2.0, description="the voice starts this long after its shot"
+    )
+    gap_s: float = Field(default=0.1, ge=0.0, le=2.0, description="quiet left before the next shot starts")
+
+
 class ComposeConfig(_Config):
     crf: int = Field(default=23, ge=0, le=51, description="x264 constant rate factor (lower: better)")
     x264_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = Field(
@@ -100,6 +126,9 @@ class ComposeConfig(_Config):
     music_volume: float = Field(default=0.25, ge=0.0, le=1.0, description="background-bed peak level")
     font_path: Path | None = Field(
         default=None, description="TrueType/OpenType font; None: bundled Noto Sans CJK (zh + en)"
+    )
+    narration: NarrationConfig = Field(
+        default_factory=NarrationConfig, description="spoken captions, for briefs with narration: true"
     )
     pixel_conversion: Literal["encoder", "kernel"] = Field(
         default="encoder",

@@ -20,6 +20,7 @@ from typing import Literal
 from .compose import ComposeResult, Compositor
 from .config import PipelineConfig
 from .generate import LatentGenerator
+from .narration import check_engine
 from .presets import LoadedModel, load_model
 from .produce import (
     Fragment,
@@ -78,6 +79,8 @@ class ProductVideoPipeline:
     def plan(
         self, brief: ProductBrief, profile: ShopperProfile | None = None, campaign: Campaign | None = None
     ) -> Storyboard:
+        if brief.narration:  # before any work: a missing engine is the request's error
+            check_engine(self.config.compose.narration)
         return self.planner.plan(self.with_preset_defaults(brief), profile, campaign)
 
     def run(

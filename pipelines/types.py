@@ -193,6 +193,10 @@ class ProductBrief(BaseModel):
         max_length=MAX_STEPS,
         description="tutorial/process: the steps in order, one shot each (e.g. 'Unscrew the lid')",
     )
+    narration: bool = Field(
+        default=False,
+        description="speak each shot's caption (offline text-to-speech), the music lowered under the voice",
+    )
 
     @field_validator("title", "category", "style")
     @classmethod
@@ -326,6 +330,7 @@ class Storyboard(BaseModel):
     aigc_label: str = Field(min_length=1, max_length=40, description="visible AI-generated-content label")
     planner: str = Field(default="template", description="which planner wrote it")
     mode: VideoMode = Field(default="showcase", description="the brief's mode")
+    narration: bool = Field(default=False, description="captions are spoken (pipelines/narration.py)")
     compliance: list[ComplianceFinding] = Field(
         default_factory=list, description="advertising-rule findings, rewritten before planning or after"
     )

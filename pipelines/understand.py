@@ -460,6 +460,7 @@ def assemble_storyboard(
         aigc_label=ctx.aigc_label,
         planner=planner,
         mode=ctx.brief.mode,
+        narration=ctx.brief.narration,
     )
 
 

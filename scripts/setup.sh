@@ -37,6 +37,13 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     >/dev/null 2>&1 || echo "setup: could not install promtool; its tests will skip" >&2
 fi
 
+# espeak-ng speaks captions for briefs with narration (Debian package espeak-ng); same rule.
+if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing espeak-ng (apt-get) for narration" >&2
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends espeak-ng; } \
+    >/dev/null 2>&1 || echo "setup: could not install espeak-ng; narration is refused, its tests skip" >&2
+fi
+
 # 3. Skip the install when pyproject.toml and the torch choice are what we installed last time.
 stamp="$venv/.shopreel-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"

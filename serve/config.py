@@ -115,7 +115,8 @@ class SalesEvent(_Config):
 
 
 class TenantQuotas(_Config):
-    """What one tenant may use at once; ``None``: no limit of its own (the cluster's limits still hold)."""
+    """What one tenant may use at once; ``None``: no limit of its own (the cluster's limits still hold).
+    Also the tenant's own advertising-rule policy, for its briefs that do not name one."""
 
     max_jobs: int | None = Field(default=None, ge=1, le=100_000, description="queued + running jobs at once")
     max_streams: int | None = Field(
@@ -126,6 +127,10 @@ class TenantQuotas(_Config):
     )
     max_stored_bytes: int | None = Field(
         default=None, ge=1, le=2**53, description="bytes of finished videos kept (freed by delete or expiry)"
+    )
+    compliance: Literal["reject", "rewrite"] | None = Field(
+        default=None,
+        description="policy for this tenant's briefs that name none (a brief's own wins); None: the server's",
     )
 
     def describe(self) -> str:

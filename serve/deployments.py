@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 
 from shopreel.pipelines.compose import Compositor
 from shopreel.pipelines.generate import LatentGenerator
+from shopreel.pipelines.narration import check_engine
 from shopreel.pipelines.presets import load_model, load_vae, resolve_preset
 from shopreel.pipelines.produce import (
     DenoiseStep,
@@ -114,10 +115,13 @@ class PlannerDeployment:
     def __init__(self, config: ServeConfig) -> None:
         self.preset = resolve_preset(config.pipeline.model.preset)
         self.planner = build_planner(config.pipeline.planner, config.pipeline.compliance)
+        self.narration = config.pipeline.compose.narration
 
     async def plan(
         self, brief: ProductBrief, profile: ShopperProfile | None = None, campaign: Campaign | None = None
     ) -> Storyboard:
+        if brief.narration:  # the compositors run the same image: no engine here, none there
+            check_engine(self.narration)
         brief = brief.model_copy(
             update={
                 "size": brief.size or self.preset.default_size,

@@ -239,10 +239,13 @@ class JobService:
         await self._admit(video_id, kind, priority, principal)
         try:
             started = time.perf_counter()
+            brief = job_request.brief
+            tenant_policy = principal.quotas.compliance
+            if brief.compliance is None and tenant_policy is not None:  # the request's own policy wins
+                brief = brief.model_copy(update={"compliance": tenant_policy})
+                job_request = job_request.model_copy(update={"brief": brief})
             try:
-                storyboard = await self.planner.plan.remote(
-                    job_request.brief, job_request.profile, job_request.campaign
-                )
+                storyboard = await self.planner.plan.remote(brief, job_request.profile, job_request.campaign)
             except (BackPressureError, DeploymentUnavailableError) as exc:
                 raise overloaded(exc, self.config.jobs.retry_after_s) from None
             except ValueError as exc:  # the planner refused what the schema let through

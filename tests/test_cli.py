@@ -181,6 +181,8 @@ def test_tenant_quotas_from_the_cli(tmp_path):
     )
     assert result.exit_code == 0 and "max_streams=2, videos_per_minute=30" in result.output, result.output
     assert "acme: max_streams=2" in runner.invoke(app, ["tenants", "list", *store]).output
+    policy = runner.invoke(app, ["tenants", "set", "acme", "--compliance", "rewrite", *store])
+    assert policy.exit_code == 0 and "acme: compliance=rewrite" in policy.output, policy.output
     assert runner.invoke(app, ["tenants", "set", "acme", "--clear", *store]).exit_code == 0
     assert runner.invoke(app, ["tenants", "list", *store]).output.strip() == ""
 
@@ -191,6 +193,7 @@ def test_tenant_quotas_from_the_cli(tmp_path):
         (["keys", "create", "--tenant", "Bad Name"], "tenant 'Bad Name'"),
         (["tenants", "set", "acme", "--max-streams", "0"], "max_streams"),
         (["tenants", "set", "acme", "--clear", "--max-jobs", "3"], "--clear takes no quota"),
+        (["tenants", "set", "acme", "--compliance", "lenient"], "compliance"),
         (["keys", "list", "--store", "mysql://x"], "cannot open the job store"),
     ],
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import time
 
 import httpx
@@ -388,6 +389,41 @@ def test_briefs_breaking_advertising_rules_are_refused_or_rewritten(http):
         ("brief.selling_points[0]", "国家级"),
         ("brief.selling_points[1]", "治疗"),
     }
+    _wait_idle(http)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_a_narrated_brief_is_spoken_through_the_cluster(http, tmp_path):
+    brief = {**FOUR_SHOT_BRIEF, "duration_s": 2, "narration": True}
+    body = {"brief": brief, "stream": True, "num_inference_steps": 2, "audio": "none"}
+    with http.stream("POST", "/v1/product-videos", json=body) as response:
+        assert response.status_code == 200, response.read()
+        video_id = response.headers["x-shopreel-video-id"]
+        (tmp_path / "spoken.mp4").write_bytes(response.read())
+    assert probe(tmp_path / "spoken.mp4").audio_streams == 1  # audio "none", yet a voice track
+    quality = http.get(f"/v1/videos/{video_id}").json()["shopreel"]["quality"]
+    assert quality["has_audio"] and quality["loudness_lufs"] is not None  # not silence
+
+
+def test_a_tenants_own_compliance_policy_applies_to_briefs_that_name_none(http, anonymous):
+    admin = _bearer("ops")
+    policy = anonymous.put("/admin/tenants/lenient", json={"compliance": "rewrite"}, headers=admin)
+    assert policy.status_code == 200, policy.text
+    key = anonymous.post("/admin/keys", json={"tenant": "lenient"}, headers=admin).json()["key"]
+    lenient = {"Authorization": f"Bearer {key}"}
+    brief = {**FOUR_SHOT_BRIEF, "title": "The best thermo mug", "duration_s": 2}
+    rewritten = anonymous.post("/v1/product-videos", json={"brief": brief}, headers=lenient)
+    assert rewritten.status_code == 200, rewritten.text
+    record = anonymous.get(f"/v1/videos/{rewritten.json()['id']}", headers=lenient).json()
+    assert [(f["field"], f["term"]) for f in record["shopreel"]["compliance"]] == [
+        ("brief.title", "The best")
+    ]
+    # The brief's own policy wins; other tenants keep the server's (reject).
+    own = anonymous.post(
+        "/v1/product-videos", json={"brief": {**brief, "compliance": "reject"}}, headers=lenient
+    )
+    assert own.status_code == 400 and own.json()["error"]["code"] == "content_policy_violation"
+    assert http.post("/v1/product-videos", json={"brief": brief}).status_code == 400
     _wait_idle(http)
 
 
