@@ -85,6 +85,16 @@ class PlannerConfig(_Config):
     max_new_tokens: int = Field(default=768, ge=16, le=4096, description="LLM output budget")
     max_feature_shots: int = Field(default=3, ge=0, le=8, description="selling-point shots at most")
     crossfade_s: float = Field(default=0.25, ge=0.0, le=1.0, description="crossfade length; 0: all cuts")
+    personalisation: Literal["embedding", "keywords"] = Field(
+        default="embedding",
+        description="rank selling points by meaning (sentence embeddings; English briefs) or by shared words",
+    )
+    min_similarity: float = Field(
+        default=0.2,
+        ge=-1.0,
+        le=1.0,
+        description="a selling point this close (cosine) to an interest is moved ahead of the others",
+    )
 
 
 class NarrationConfig(_Config):
@@ -181,6 +191,12 @@ class QualityConfig(_Config):
     )
     min_caption_contrast: float = Field(
         default=4.5, ge=1.0, le=21.0, description="WCAG 2.x contrast of caption text on its band (AA: 4.5)"
+    )
+    min_caption_relevance: float = Field(
+        default=0.2,
+        ge=-1.0,
+        le=1.0,
+        description="cosine similarity of a shot's caption to its prompt (sentence embeddings, English)",
     )
     loudness_range_lufs: tuple[float, float] = Field(
         default=(-24.0, -10.0),

@@ -28,8 +28,9 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from .compose import ComposeResult, CompositionSession, Compositor
 from .config import QualityConfig
+from .embeddings import default_embedder
 from .generate import LatentGenerator
-from .quality import QualityReport, caption_regions, score_file
+from .quality import QualityReport, caption_regions, caption_relevance, score_file, with_caption_relevance
 from .render import StreamingRenderer
 from .types import FrameChunk, LatentChunk, ProductImage, StageTimings, Storyboard
 
@@ -276,7 +277,9 @@ def score_video(
 ) -> QualityReport | None:
     """The finished file's quality report; None (logged) if scoring fails: the video itself is fine."""
     try:
-        return score_file(path, captions=caption_regions(storyboard, font_path=font_path), config=config)
+        report = score_file(path, captions=caption_regions(storyboard, font_path=font_path), config=config)
+        relevance = caption_relevance(storyboard, default_embedder() if storyboard.language == "en" else None)
+        return with_caption_relevance(report, relevance, config)
     except Exception:  # noqa: BLE001 - a measurement must never fail a finished video
         logger.warning("scoring %s failed", path, exc_info=True)
         return None

@@ -44,14 +44,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .config import QualityConfig
 from .overlays import OverlayPainter
-from .types import Storyboard
+from .types import ShotKind, Storyboard
 
 # Picture
 LUMA_WEIGHTS = (0.2126, 0.7152, 0.0722)  # BT.709 luma of gamma-encoded R'G'B'
@@ -74,6 +74,7 @@ FLAGS = (
     "black_frames",
     "frozen_frames",
     "low_caption_contrast",
+    "low_caption_relevance",
     "silent",
     "too_quiet",
     "too_loud",
@@ -106,6 +107,9 @@ class QualityReport(BaseModel):
     black_fraction: float = Field(description="share of black frames")
     frozen_run_s: float = Field(description="longest still picture, seconds")
     caption_contrast: float | None = Field(description="lowest WCAG contrast of a caption; None: none")
+    caption_relevance: float | None = Field(
+        default=None, description="lowest caption-to-prompt similarity; None: not English or no model"
+    )
     has_audio: bool
     loudness_lufs: float | None = Field(description="BS.1770-4 integrated; None: no audio or silent")
     clipped_fraction: float | None = Field(description="share of samples at |x| >= 0.999")
@@ -119,6 +123,42 @@ class QualityReport(BaseModel):
 
 
 # --- entry points -----------------------------------------------------------------------------------
+
+
+class Embedder(Protocol):
+    """What caption relevance needs of a sentence-embedding model (pipelines/embeddings.py)."""
+
+    def similarity(self, left: Sequence[str], right: Sequence[str]) -> np.ndarray: ...
+
+
+def caption_relevance(storyboard: Storyboard, embedder: Embedder | None) -> float | None:
+    """The lowest cosine similarity of a shot's caption to the prompt its picture was made from.
+
+    A caption that talks about something its shot does not show (an LLM's slip, a mismatched step)
+    scores low. The call-to-action shot is left out: its price and "Shop now" describe no picture.
+    English storyboards only (the model is English); None without captions or a model.
+    """
+    pairs = [
+        (shot.caption, shot.prompt)
+        for shot in storyboard.shots
+        if shot.caption.strip() and shot.kind != ShotKind.cta
+    ]
+    if embedder is None or storyboard.language != "en" or not pairs:
+        return None
+    similarity = embedder.similarity([caption for caption, _ in pairs], [prompt for _, prompt in pairs])
+    return float(np.diag(similarity).min())
+
+
+def with_caption_relevance(
+    report: QualityReport, relevance: float | None, config: QualityConfig = QualityConfig()
+) -> QualityReport:
+    """``report`` with its caption relevance, flagged below ``config.min_caption_relevance``."""
+    flags = set(report.flags)
+    if relevance is not None and relevance < config.min_caption_relevance:
+        flags.add("low_caption_relevance")
+    return report.model_copy(
+        update={"caption_relevance": relevance, "flags": [name for name in FLAGS if name in flags]}
+    )
 
 
 def score_frames(
@@ -552,7 +592,7 @@ def _report(
         has_audio=audio is not None,
         loudness_lufs=loudness,
         clipped_fraction=clipped,
-        flags=[name for name in FLAGS if flagged[name]],
+        flags=[name for name in FLAGS if flagged.get(name, False)],  # relevance: with_caption_relevance
     )
 
 

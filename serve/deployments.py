@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from shopreel.pipelines.compose import Compositor
+from shopreel.pipelines.embeddings import default_embedder
 from shopreel.pipelines.generate import LatentGenerator
 from shopreel.pipelines.narration import check_engine
 from shopreel.pipelines.presets import load_model, load_vae, resolve_preset
@@ -381,6 +382,8 @@ class CompositorDeployment:
         self.retry = retry or RetryPolicy()
         self.stage_metrics = sm.stage_metrics("compositor")
         self.stage_metrics.set(sm.VIDEOS_IN_FLIGHT, 0)
+        if config.warmup and config.pipeline.quality.enabled:
+            default_embedder()  # caption relevance's model: loaded now, not on the first viewer's video
 
     async def produce(self, order: ProductionOrder) -> AsyncIterator[ProductionEvent]:
         """Drive one video; the finished one carries its files' bytes (they are on this node only)."""

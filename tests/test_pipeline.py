@@ -151,14 +151,22 @@ def test_progress_reports_are_rate_limited_and_fragments_are_not(pipeline):
 
 def test_every_finished_video_is_scored_and_scoring_can_be_switched_off(pipeline, tiny_model, tmp_path):
     from shopreel.pipelines.config import QualityConfig
-    from shopreel.pipelines.quality import caption_regions, score_file
+    from shopreel.pipelines.embeddings import default_embedder
+    from shopreel.pipelines.quality import (
+        caption_regions,
+        caption_relevance,
+        score_file,
+        with_caption_relevance,
+    )
 
     result = pipeline.run(_brief(), output_path=tmp_path / "v.mp4")
     report = result.quality
     assert report is not None and result.timings.quality_s > 0
     # The report is the file's, as the quality module measures it, caption bands included.
     regions = caption_regions(result.storyboard)
-    assert report == score_file(tmp_path / "v.mp4", captions=regions, config=pipeline.config.quality)
+    measured = score_file(tmp_path / "v.mp4", captions=regions, config=pipeline.config.quality)
+    relevance = caption_relevance(result.storyboard, default_embedder())
+    assert report == with_caption_relevance(measured, relevance, pipeline.config.quality)
     assert report.num_frames == result.storyboard.total_frames and report.caption_contrast is not None
 
     off = ProductVideoPipeline(
