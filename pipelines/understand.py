@@ -331,6 +331,13 @@ def _cta_text(language: Language, campaign: Campaign | None) -> str:
     return fit_caption(" · ".join(part for part in parts[1:] if part))
 
 
+def shopper_language(brief: ProductBrief, profile: ShopperProfile | None) -> ProductBrief:
+    """The brief in the shopper's language when the merchant did not name one (``language`` unset)."""
+    if profile is None or profile.language is None or "language" in brief.model_fields_set:
+        return brief
+    return brief.model_copy(update={"language": profile.language})
+
+
 def build_context(
     brief: ProductBrief,
     profile: ShopperProfile | None,
@@ -501,6 +508,7 @@ class TemplatePlanner:
         campaign: Campaign | None = None,
     ) -> Storyboard:
         # 1. Everything the shots are written from (raises ValueError without size/fps).
+        brief = shopper_language(brief, profile)
         ctx = build_context(brief, profile, campaign, self.config)
         # 2. Try shot lists from the preferred one outwards: fewer shots for short videos, more
         #    for long ones; first with shots of >= 9 frames, then (tiny videos) >= 5.
@@ -619,6 +627,7 @@ def draft_to_storyboard(
 ) -> Storyboard:
     """The draft's shots with frames from the shared allocator; ValueError when they cannot fit."""
     # 1. Overlay fields (price, badge, label) come from the inputs, not from the model.
+    brief = shopper_language(brief, profile)
     ctx = build_context(brief, profile, campaign, config)
     numbers = [shot.step_number for shot in draft.shots if shot.kind == ShotKind.step]
     if numbers != list(range(1, len(brief.steps) + 1)):
@@ -684,6 +693,7 @@ class LLMPlanner:
     ) -> Storyboard:
         # 1. The template storyboard first: it checks the inputs (a user error is raised, not
         #    hidden behind a fallback) and is the answer whenever the model fails.
+        brief = shopper_language(brief, profile)
         fallback = self.template.plan(brief, profile, campaign)
         try:
             # 2. Ask the model, 3. parse its JSON, 4. allocate frames exactly as the template does.
@@ -725,6 +735,12 @@ class LLMPlanner:
             f"{language}, at most {MAX_CAPTION_CHARS} characters. Prompts in English: a vivid visual "
             "description for a text-to-video model. weight is the shot's relative duration."
         )
+        if profile is not None:
+            # Rewording for the shopper is the LLM's to do; the shopper's data stays out of the captions.
+            system += (
+                " Word the captions so they speak to this shopper's interests, without naming the shopper, "
+                "their segment or their interests, and without claims the brief does not make."
+            )
         inputs: dict[str, Any] = {
             "brief": brief.model_dump(mode="json", exclude={"images", "size", "fps", "seed"}),
         }

@@ -110,3 +110,23 @@ def test_a_caption_that_does_not_match_its_shot_is_flagged():
         flagged.flags == ["flicker", "low_caption_relevance", "clipping"] and flagged.caption_relevance == off
     )
     assert with_caption_relevance(report, matching).flags == ["flicker", "clipping"]
+
+
+def test_the_shoppers_language_applies_when_the_brief_names_none(tmp_path, monkeypatch):
+    from shopreel.pipelines.understand import LLMPlanner
+
+    reader = ShopperProfile(interests=["rainy weather"], language="zh")
+    unnamed = ProductBrief.model_validate({"title": "AeroRun", "size": "128x128", "fps": 16, "price": 599})
+    storyboard = TemplatePlanner().plan(unnamed, reader)
+    assert storyboard.language == "zh" and storyboard.shots[0].caption == "全新 AeroRun"
+    assert storyboard.aigc_label == "AI生成" and storyboard.shots[-1].caption == "到手价 ¥599"
+    named = TemplatePlanner().plan(unnamed.model_copy(update={"language": "en"}), reader)
+    assert named.language == "en"  # the merchant's choice wins
+
+    # The LLM planner is asked to word captions for the shopper, in the shopper's language.
+    planner = LLMPlanner(PlannerConfig(kind="llm", llm_path=tmp_path))
+    asked: list[str] = []
+    monkeypatch.setattr(planner, "_generate", lambda messages: asked.append(messages[0]["content"]) or "{}")
+    planner.plan(unnamed, reader)
+    assert "speak to this shopper's interests, without naming the shopper" in asked[0]
+    assert "Captions in Simplified Chinese" in asked[0]
