@@ -144,7 +144,7 @@ class CompositionSession:
             raise ValueError(f"audio must be 'bed', 'none' or a file path, got {audio!r}")
         if storyboard.narration:  # the captions spoken over the (ducked) soundtrack, or alone
             num_samples = max(1, round(duration_s * sample_rate))
-            self.audio, self.spoken = mix_narration(
+            self.audio, _ = mix_narration(
                 self.audio, storyboard, num_samples, sample_rate, AUDIO_CHANNELS, config.narration
             )
 
