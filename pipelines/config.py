@@ -35,6 +35,19 @@ class ModelConfig(_Config):
     )
 
 
+class ShotCacheConfig(_Config):
+    """Denoised shots reused across requests, variants and replicas (pipelines/shot_cache.py)."""
+
+    enabled: bool = Field(default=False, description="look shots up before denoising them, keep new ones")
+    memory_bytes: int = Field(
+        default=256 * 2**20, ge=0, le=2**40, description="latents kept in each generator process's memory"
+    )
+    directory: Path | None = Field(
+        default=None, description="a directory shared by the replicas that mount it; None: memory only"
+    )
+    disk_bytes: int = Field(default=4 * 2**30, ge=0, le=2**50, description="bytes of latents kept on disk")
+
+
 class GenerateConfig(_Config):
     num_inference_steps: int | None = Field(
         default=None, ge=1, le=100, description="denoising steps; None: the preset's default"
@@ -56,6 +69,9 @@ class GenerateConfig(_Config):
         ge=0,
         le=1000,
         description="how long a shot waits for batch partners, only while other videos are denoising",
+    )
+    shot_cache: ShotCacheConfig = Field(
+        default_factory=ShotCacheConfig, description="reuse denoised shots (off: every shot is denoised)"
     )
 
 

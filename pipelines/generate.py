@@ -26,6 +26,7 @@ import torch
 
 from .config import GenerateConfig
 from .presets import LoadedModel
+from .shot_cache import ShotCache, model_fingerprint, shot_key
 from .types import LatentChunk, Shot, Storyboard
 
 # Called after every denoising step: (shot index, step done, steps in total).
@@ -146,6 +147,8 @@ class LatentGenerator:
             if self.config.batch_max_shots > 1
             else None
         )
+        self.cache = ShotCache(self.config.shot_cache) if self.config.shot_cache.enabled else None
+        self._fingerprint: str | None = None  # of the model, for cache keys: computed on first use
 
     def settings(
         self, num_inference_steps: int | None = None, guidance_scale: float | None = None
@@ -300,7 +303,15 @@ class LatentGenerator:
             shot.index,
             on_step,
         )
-        latents = self.batcher.denoise(call) if self.batcher is not None else self._denoise_alone(call)
+        key = self._cache_key(call) if self.cache is not None else None
+        latents = self.cache.get(key) if self.cache is not None and key is not None else None
+        cached = latents is not None
+        if latents is None:
+            latents = self.batcher.denoise(call) if self.batcher is not None else self._denoise_alone(call)
+            if self.cache is not None and key is not None:
+                self.cache.put(key, latents)
+        elif on_step is not None:  # progress still reaches the end of the shot's steps
+            on_step(shot.index, settings.num_inference_steps, settings.num_inference_steps)
         denoise_s = time.perf_counter() - started
 
         # 2. Stream the shot out along time; the renderer decodes causally, chunk by chunk.
@@ -323,5 +334,21 @@ class LatentGenerator:
                 latents=latents[:, :, start:end].contiguous(),
                 is_last=end == total,
                 is_last_shot=is_last_shot,
-                timings={"denoise_s": denoise_s if chunk_index == 0 else 0.0},
+                timings={"denoise_s": denoise_s if chunk_index == 0 else 0.0, "cached": float(cached)},
             )
+
+    def _cache_key(self, call: _ShotCall) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model.pipe, self.model.device.type)
+        height, width, num_frames, steps, guidance = call.key
+        return shot_key(
+            self._fingerprint,
+            prompt=call.prompt,
+            negative_prompt=call.negative_prompt,
+            seed=call.seed,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+        )

@@ -106,7 +106,9 @@ def weights_digest(vae: Any) -> str:
     """sha256 over the VAE's config and every parameter/buffer: a changed model gets new cache keys."""
     # diffusers' private config keys (e.g. ``_use_default_values``, a list built from a set) change
     # order from one process to the next: a key built from them would never be found again.
-    public = {key: value for key, value in dict(vae.config).items() if not key.startswith("_")}
+    config = vae.config  # diffusers: a FrozenDict; transformers (a text encoder): a PretrainedConfig
+    items = config.to_dict().items() if hasattr(config, "to_dict") else dict(config).items()
+    public = {key: value for key, value in items if not key.startswith("_")}
     digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())

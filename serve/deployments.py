@@ -45,6 +45,7 @@ from shopreel.pipelines.produce import (
     stream_from_thread,
 )
 from shopreel.pipelines.render import StreamingRenderer
+from shopreel.pipelines.shot_cache import ShotCacheStats
 from shopreel.pipelines.types import (
     Campaign,
     FrameChunk,
@@ -151,6 +152,7 @@ class GeneratorDeployment:
         self.model = load_model(config.pipeline.model)
         self.generator = LatentGenerator(self.model, config.pipeline.generate)
         self.progress_interval_s = config.progress_interval_s
+        self._cache_seen = ShotCacheStats()  # what the metrics have counted of the shot cache so far
         self.executor = ThreadPoolExecutor(
             max_workers=config.generator.max_ongoing_requests, thread_name_prefix="denoise"
         )
@@ -205,6 +207,20 @@ class GeneratorDeployment:
             self._pending_shots(-pending)
             self.stage_metrics.add(sm.GENERATE_ACTIVE, -1)
 
+    def _report_shot_cache(self) -> None:
+        """The shot cache's hits, misses and bytes since the last report (one generator thread at a time
+        per shot; counters only grow)."""
+        cache = self.generator.cache
+        if cache is None:
+            return
+        stats, seen = cache.stats, self._cache_seen
+        self.stage_metrics.inc(sm.SHOT_CACHE_HITS, stats.memory_hits - seen.memory_hits, tier="memory")
+        self.stage_metrics.inc(sm.SHOT_CACHE_HITS, stats.disk_hits - seen.disk_hits, tier="disk")
+        self.stage_metrics.inc(sm.SHOT_CACHE_MISSES, stats.misses - seen.misses)
+        self.stage_metrics.set(sm.SHOT_CACHE_BYTES, stats.memory_bytes, tier="memory")
+        self.stage_metrics.set(sm.SHOT_CACHE_BYTES, stats.disk_bytes, tier="disk")
+        self._cache_seen = replace(stats)
+
     def _pending_shots(self, delta: int) -> None:
         self.pending_shots += delta
         self.stage_metrics.set(sm.GENERATOR_PENDING_SHOTS, self.pending_shots)
@@ -215,9 +231,11 @@ class GeneratorDeployment:
 
     def _to_numpy(self, chunk: LatentChunk) -> LatentChunk:
         """On the denoising thread: count the shot, and make the latents a numpy array to travel."""
-        if chunk.chunk_index == 0:  # a shot's first chunk carries its denoise time
+        if chunk.chunk_index == 0 and not chunk.timings.get("cached"):  # its first chunk: its denoise time
             self.stage_metrics.observe(sm.DENOISE_SECONDS, chunk.timings.get("denoise_s", 0.0))
             self.stage_metrics.inc(sm.SHOTS_DENOISED)
+        if chunk.chunk_index == 0:
+            self._report_shot_cache()
         return replace(chunk, latents=chunk.latents.float().cpu().numpy())  # type: ignore[attr-defined]
 
     async def ready(self) -> bool:

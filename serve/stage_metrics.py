@@ -56,6 +56,19 @@ DENOISE_SECONDS = Series(
     "shopreel_generator_denoise_seconds", "histogram", "Seconds denoising one shot", SHOT_BUCKETS
 )
 SHOTS_DENOISED = Series("shopreel_generator_shots_denoised", "counter", "Shots denoised")
+SHOT_CACHE_HITS = Series(
+    "shopreel_generator_shot_cache_hits",
+    "counter",
+    "Shots served from the shot cache, by tier",
+    labels=("tier",),
+)
+SHOT_CACHE_MISSES = Series("shopreel_generator_shot_cache_misses", "counter", "Shots the cache did not hold")
+SHOT_CACHE_BYTES = Series(
+    "shopreel_generator_shot_cache_bytes",
+    "gauge",
+    "Bytes of latents the shot cache holds, by tier",
+    labels=("tier",),
+)
 GENERATE_ACTIVE = Series(
     "shopreel_generator_active_calls", "gauge", "generate streams running on the replica"
 )
@@ -176,6 +189,9 @@ STREAMS_ADMITTED = Series(
 ALL_SERIES = (
     DENOISE_SECONDS,
     SHOTS_DENOISED,
+    SHOT_CACHE_HITS,
+    SHOT_CACHE_MISSES,
+    SHOT_CACHE_BYTES,
     GENERATE_ACTIVE,
     DECODE_SECONDS,
     CHUNKS_DECODED,

@@ -439,3 +439,32 @@ def test_every_stage_replica_exports_through_rays_metrics_port(tmp_path):
         assert samples[("ray_shopreel_renderer_chunks_decoded_total", "renderer")] >= shots
     finally:
         running.stop()
+
+
+def test_the_generator_counts_shot_cache_hits_and_misses(recorder):
+    """Two requests for the same shots: the first misses and denoises, the second hits in memory."""
+    import asyncio
+
+    from storyboards import make_storyboard
+    from test_recovery import _config
+
+    from shopreel.pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, ShotCacheConfig
+    from shopreel.serve.deployments import GeneratorDeployment
+
+    pipeline = PipelineConfig(
+        model=ModelConfig(preset="tiny", device="cpu"),
+        generate=GenerateConfig(shot_cache=ShotCacheConfig(enabled=True)),
+    )
+    replica = GeneratorDeployment.func_or_class(_config().model_copy(update={"pipeline": pipeline}))
+    storyboard = make_storyboard(shot_frames=(9, 9))
+
+    async def one_request(request_id: str) -> None:
+        async for _ in replica.generate(storyboard, request_id, 2):
+            pass
+
+    asyncio.run(one_request("a"))
+    asyncio.run(one_request("b"))
+    assert sum(recorder.values(sm.SHOT_CACHE_MISSES, "generator")) == 2
+    assert sum(recorder.values(sm.SHOT_CACHE_HITS, "generator")) == 2  # tier memory
+    assert sum(recorder.values(sm.SHOTS_DENOISED, "generator")) == 2  # only the first request's
+    assert recorder.values(sm.SHOT_CACHE_BYTES, "generator")[-2] > 0  # memory tier held them
