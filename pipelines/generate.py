@@ -306,12 +306,14 @@ class LatentGenerator:
         key = self._cache_key(call) if self.cache is not None else None
         latents = self.cache.get(key) if self.cache is not None and key is not None else None
         cached = latents is not None
-        if latents is None:
+        if latents is not None:  # the cache keeps latents on the CPU
+            latents = latents.to(self.model.device)
+            if on_step is not None:  # progress still reaches the end of the shot's steps
+                on_step(shot.index, settings.num_inference_steps, settings.num_inference_steps)
+        else:
             latents = self.batcher.denoise(call) if self.batcher is not None else self._denoise_alone(call)
             if self.cache is not None and key is not None:
                 self.cache.put(key, latents)
-        elif on_step is not None:  # progress still reaches the end of the shot's steps
-            on_step(shot.index, settings.num_inference_steps, settings.num_inference_steps)
         denoise_s = time.perf_counter() - started
 
         # 2. Stream the shot out along time; the renderer decodes causally, chunk by chunk.

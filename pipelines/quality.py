@@ -581,6 +581,7 @@ def _report(
         "too_quiet": loudness is not None and loudness < config.loudness_range_lufs[0],
         "too_loud": loudness is not None and loudness > config.loudness_range_lufs[1],
         "clipping": clipped is not None and clipped > config.max_clipped_fraction,
+        "low_caption_relevance": False,  # needs the storyboard and a model: with_caption_relevance
     }
     return QualityReport(
         num_frames=analyser.count,
@@ -592,7 +593,7 @@ def _report(
         has_audio=audio is not None,
         loudness_lufs=loudness,
         clipped_fraction=clipped,
-        flags=[name for name in FLAGS if flagged.get(name, False)],  # relevance: with_caption_relevance
+        flags=[name for name in FLAGS if flagged[name]],
     )
 
 

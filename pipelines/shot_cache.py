@@ -133,17 +133,17 @@ class ShotCache:
     # --- memory tier ----------------------------------------------------------------------------
 
     def _remember(self, key: str, latents: torch.Tensor) -> None:
-        size = latents.numel() * latents.element_size()
+        size = _nbytes(latents)
         if size > self.config.memory_bytes:
             return
         old = self._memory.pop(key, None)
         if old is not None:
-            self.stats.memory_bytes -= old.numel() * old.element_size()
+            self.stats.memory_bytes -= _nbytes(old)
         self._memory[key] = latents
         self.stats.memory_bytes += size
         while self.stats.memory_bytes > self.config.memory_bytes:
             _, evicted = self._memory.popitem(last=False)
-            self.stats.memory_bytes -= evicted.numel() * evicted.element_size()
+            self.stats.memory_bytes -= _nbytes(evicted)
             self.stats.evictions += 1
 
     # --- disk tier ------------------------------------------------------------------------------
@@ -206,6 +206,10 @@ class ShotCache:
                 self.stats.evictions += 1
         with self._lock:
             self.stats.disk_bytes = total
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _touch(path: Path) -> None:

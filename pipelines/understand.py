@@ -344,8 +344,10 @@ def build_context(
     campaign: Campaign | None,
     config: PlannerConfig | None = None,
 ) -> PlanContext:
-    # 1. Size and fps decide every frame count, so they must be known now.
+    # 1. Size and fps decide every frame count, so they must be known now; the language is the brief's,
+    #    else the shopper's.
     width, height, fps = _require_size_fps(brief)
+    brief = shopper_language(brief, profile)
     # 2. The shopper's taste wins over the merchant's default style.
     style = profile.preferred_style if profile and profile.preferred_style else brief.style
     # 3. Selling points the shopper cares about come first (and survive a short duration).
@@ -508,7 +510,6 @@ class TemplatePlanner:
         campaign: Campaign | None = None,
     ) -> Storyboard:
         # 1. Everything the shots are written from (raises ValueError without size/fps).
-        brief = shopper_language(brief, profile)
         ctx = build_context(brief, profile, campaign, self.config)
         # 2. Try shot lists from the preferred one outwards: fewer shots for short videos, more
         #    for long ones; first with shots of >= 9 frames, then (tiny videos) >= 5.
@@ -627,7 +628,6 @@ def draft_to_storyboard(
 ) -> Storyboard:
     """The draft's shots with frames from the shared allocator; ValueError when they cannot fit."""
     # 1. Overlay fields (price, badge, label) come from the inputs, not from the model.
-    brief = shopper_language(brief, profile)
     ctx = build_context(brief, profile, campaign, config)
     numbers = [shot.step_number for shot in draft.shots if shot.kind == ShotKind.step]
     if numbers != list(range(1, len(brief.steps) + 1)):
