@@ -290,10 +290,14 @@ def test_stages_record_work_retries_and_rebuilds(recorder):
     assert len(recorder.values(sm.FIRST_FRAGMENT_SECONDS)) == 1
     assert recorder.values(sm.COMPOSE_SECONDS) == [produced.compose.encode_s]
     # Every chunk decoded and delivered once (3 shots x 2 chunks); shot 1's lost chunk 1 went to a
-    # replica without the shot's cache, which rebuilt it from the resent latents.
+    # replica without the shot's cache, which rebuilt it from the resent latents. Shots overlap, so a
+    # loss during shot 1 may also have taken shot 2's cache (one fake replica serves both): one rebuild
+    # is counted for each call that arrived with a shot's history and was answered.
     assert recorder.values(sm.CHUNKS_DECODED, "renderer") == [1.0] * 6
     assert len(recorder.values(sm.DECODE_SECONDS, "renderer")) == 6
-    assert recorder.values(sm.HISTORY_REBUILDS, "renderer") == [1.0]
+    rebuilt = [call for call in renderer.calls if call[2] is not None and call[3] == "FrameChunk"]
+    assert (1, 1) in [call[:2] for call in rebuilt]
+    assert recorder.values(sm.HISTORY_REBUILDS, "renderer") == [1.0] * len(rebuilt)
     assert recorder.values(sm.CAUSAL_CACHES, "renderer")[-1] == 0.0  # the last chunk freed its cache
     # The resumed stream denoised shot 1 again: 3 shots + 1 (the generator may run ahead of a dying
     # stream, hence at least).
