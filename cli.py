@@ -7,7 +7,6 @@ never shows a traceback.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import logging
@@ -52,21 +51,12 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _inline_image_paths(data: Any, base: Path) -> Any:
     """Briefs on disk may name images by path ({"path": "shoe.jpg"}); the API takes only data."""
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        return data
-    images = []
-    for position, image in enumerate(data["images"]):
-        if isinstance(image, dict) and set(image) == {"path"}:
-            image_path = (base / str(image["path"])).expanduser()
-            try:
-                raw = image_path.read_bytes()
-            except OSError as exc:
-                raise UserError(
-                    f"images[{position}]: cannot read {image_path}: {exc.strerror or exc}"
-                ) from exc
-            image = {"data": base64.b64encode(raw).decode("ascii")}
-        images.append(image)
-    return {**data, "images": images}
+    from .pipelines.catalog import inline_image_paths
+
+    try:
+        return inline_image_paths(data, base)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def _load_model(model: type[BaseModel], path: Path | None, what: str, **overrides: Any) -> Any:
@@ -153,6 +143,95 @@ def generate(
     result = _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio_source, quiet)
     _print_result(result, output, thumbnail)
     _print_renderer(pipeline.renderer.describe())
+
+
+@app.command()
+def variants(
+    brief: Annotated[Path, typer.Argument(help="product brief JSON (see examples/)")],
+    profile: Annotated[
+        list[Path] | None, typer.Option("--profile", help="shopper profile JSON; repeat for more variants")
+    ] = None,
+    segment: Annotated[
+        list[str] | None, typer.Option("--segment", help="a shopper segment by name, e.g. students; repeat")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="directory for variant-<i>.mp4/.jpg")] = Path("variants"),
+    campaign: Annotated[Path | None, typer.Option(help="campaign JSON (e.g. 11.11)")] = None,
+    preset: Annotated[str, typer.Option(help="preset name or local diffusers checkpoint directory")] = "tiny",
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, overrides the brief")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the preset's)")] = None,
+    audio: Annotated[str, typer.Option(help="'bed' (generated music) or 'none'")] = "bed",
+    cache: Annotated[bool, typer.Option(help="reuse shared shots (--no-cache: make every shot anew)")] = True,
+    concurrency: Annotated[int, typer.Option(help="variants made at once (1..16)")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Make one video per shopper profile or segment for one product, in this process.
+
+    The shots the variants share (hook, product features, price) are generated and decoded once;
+    captions, order, overlays and audio are each variant's own.
+    """
+    from rich.table import Table
+
+    from .pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, RenderConfig, ShotCacheConfig
+    from .pipelines.types import (
+        MAX_VARIANTS,
+        Campaign,
+        ProductBrief,
+        ShopperProfile,
+        describe_validation_error,
+    )
+
+    try:
+        product = _load_model(ProductBrief, brief, "brief", size=size)
+        shoppers: list[ShopperProfile | None] = [
+            _load_model(ShopperProfile, p, "profile") for p in profile or []
+        ]
+        shoppers += [ShopperProfile(segment=name) for name in segment or []]
+        if not 1 <= len(shoppers) <= MAX_VARIANTS:
+            raise UserError(f"name 1..{MAX_VARIANTS} shoppers (--profile, --segment), got {len(shoppers)}")
+        event = _load_model(Campaign, campaign, "campaign")
+        if audio not in ("bed", "none"):
+            raise UserError(f"--audio {audio}: use 'bed' or 'none'")
+        if not 1 <= concurrency <= 16:
+            raise UserError(f"--concurrency {concurrency}: use 1..16")
+        try:
+            config = PipelineConfig(
+                model=ModelConfig(preset=preset, device=device),
+                generate=GenerateConfig(
+                    num_inference_steps=steps, shot_cache=ShotCacheConfig(shared_shots=cache)
+                ),
+                render=RenderConfig(frame_cache_bytes=RenderConfig().frame_cache_bytes if cache else 0),
+            )
+        except ValidationError as exc:
+            raise UserError("invalid option: " + "; ".join(describe_validation_error(exc))) from exc
+        from .pipelines.pipeline import ProductVideoPipeline
+
+        try:
+            pipeline = ProductVideoPipeline(config)
+            pipeline.plan_variants(product, shoppers, event)  # every refusal before any model work
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+
+    def made(index: int, result: Any) -> None:
+        console.print(f"variant {index}: {result.compose.num_frames} frames in {result.timings.total_s:.2f}s")
+
+    results = pipeline.run_variants(
+        product, shoppers, event, output_dir=out, audio=audio, concurrency=concurrency, on_variant=made
+    )
+    table = Table(title=f"{len(results)} variants of {product.title!r} in {out}")
+    for column in ("variant", "shopper", "shared shots", "generate s", "render s", "total s", "quality"):
+        table.add_column(column)
+    for index, (shopper, result) in enumerate(zip(shoppers, results, strict=True)):
+        who = "-" if shopper is None else shopper.segment or ", ".join(shopper.interests) or "profile"
+        shared = sum(shot.shared for shot in result.storyboard.shots)
+        t = result.timings
+        verdict = "-" if result.quality is None else "passed" if result.quality.passed else "flagged"
+        table.add_row(
+            str(index), who, f"{shared}/{len(result.storyboard.shots)}", f"{t.generate_s:.2f}",
+            f"{t.render_s:.2f}", f"{t.total_s:.2f}", verdict,
+        )  # fmt: skip
+    console.print(table)
 
 
 def _print_renderer(described: dict[str, Any]) -> None:
@@ -676,6 +755,141 @@ def tenants_list(
     with _job_store(config, data_dir, store) as jobs:
         for tenant, quotas in jobs.tenants():
             typer.echo(f"{tenant}: {quotas.describe()}")
+
+
+@app.command(
+    help="Make a video for every product of a catalog into --out; resumable.\n\n"
+    "Finished products (recorded in OUT/manifest.jsonl) are skipped, so an interrupted run is simply "
+    "started again. A product that fails is recorded with its reason and skipped by later runs unless "
+    "--retry-failed. Exit status: 0 when every product is finished, 1 when any is failed, 2 for a "
+    "usage error."
+)
+def batch(
+    catalog: Annotated[
+        Path, typer.Argument(help="JSONL: one brief (or {id, brief, profile, campaign}) a line")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="directory for <id>.mp4, <id>.jpg and manifest.jsonl")],
+    url: Annotated[
+        str | None, typer.Option(help="make the videos on this running cluster as bulk jobs instead")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SHOPREEL_API_KEY", help="the cluster's API key", show_default=False)
+    ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="ray (Ray Data actors here) or local (this process); default ray")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Ray Data actors, or cluster jobs in flight")] = 1,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs each Ray Data actor asks for")] = 1.0,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join; default: a new one")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="make products earlier runs recorded as failed")] = False,
+    preset: Annotated[str, typer.Option(help="preset name or local diffusers checkpoint directory")] = "tiny",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT for every product")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the preset's)")] = None,
+    fps: Annotated[int | None, typer.Option(help="frames per second for every product")] = None,
+    duration: Annotated[float | None, typer.Option(help="target seconds for every product")] = None,
+    audio: Annotated[str, typer.Option(help="'bed' (generated music) or 'none'")] = "bed",
+    thumbnails: Annotated[bool, typer.Option(help="also write <id>.jpg")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Make a video for every product of a catalog (see the command's help); resumable."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pipelines.catalog import CatalogError, ProductOverrides
+    from .pipelines.config import GenerateConfig, ModelConfig, PipelineConfig
+    from .pipelines.types import describe_validation_error
+    from .serve.batch import BatchConfig, BatchPlan, run_batch
+
+    try:
+        if engine not in (None, "ray", "local"):
+            raise UserError(f"--engine {engine}: use ray or local (or --url for a cluster)")
+        if url is not None and engine is not None:
+            raise UserError("--engine is for making videos here; --url makes them on the cluster")
+        if not catalog.is_file():
+            raise UserError(f"catalog {catalog} does not exist")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is not a directory")
+        try:
+            config = BatchConfig(
+                engine="cluster" if url is not None else engine or "ray",  # type: ignore[arg-type]
+                url=url,
+                api_key=api_key,
+                concurrency=concurrency,
+                num_cpus=cpus_per_actor,
+                ray_address=ray_address,
+                retry_failed=retry_failed,
+                audio=audio,  # type: ignore[arg-type]
+                thumbnails=thumbnails,
+                overrides=ProductOverrides(size=size, fps=fps, duration_s=duration),
+                pipeline=PipelineConfig(
+                    model=ModelConfig(preset=preset, device=device),
+                    generate=GenerateConfig(num_inference_steps=steps),
+                ),
+            )
+        except ValidationError as exc:
+            raise UserError("invalid option: " + "; ".join(describe_validation_error(exc))) from exc
+        if url is None:  # a wrong preset is one message here, not an error in every actor
+            from .pipelines.presets import resolve_preset
+
+            try:
+                resolve_preset(preset)
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+
+    with Progress(
+        TextColumn("products"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed[/]  {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task("products", total=None, failed=0, rate="")
+        started = time.perf_counter()
+        made = 0
+
+        def on_plan(plan: BatchPlan) -> None:
+            skipped = plan.skipped_done + len(plan.skipped_failed)
+            bar.update(task, total=plan.total, completed=skipped, failed=len(plan.skipped_failed))
+
+        def on_record(result: dict[str, Any]) -> None:
+            nonlocal made
+            made += 1
+            failed = bar.tasks[0].fields["failed"] + (result["status"] == "failed")
+            rate = f"{made / (time.perf_counter() - started) * 60:.1f}/min"
+            bar.update(task, advance=1, failed=failed, rate=rate)
+
+        try:
+            summary = run_batch(catalog, out, config, on_plan=on_plan, on_record=on_record)
+        except CatalogError as exc:
+            raise _fail(str(exc)) from None
+
+    from rich.table import Table
+
+    table = Table(title=f"batch {catalog.name} -> {summary.out_dir}", show_header=False)
+    table.add_row("products", str(summary.total))
+    table.add_row("made now", str(summary.done))
+    table.add_row("skipped (already finished)", str(summary.skipped_done))
+    table.add_row("failed", str(len(summary.failures)))
+    table.add_row("total seconds", f"{summary.seconds:.1f}")
+    per_video = summary.seconds_per_video
+    table.add_row("seconds per video", "-" if per_video is None else f"{per_video:.2f}")
+    table.add_row("output", str(summary.out_dir))
+    console.print(table)
+    if summary.failures:
+        failures = Table(title="failed products (--retry-failed makes them again)")
+        failures.add_column("id")
+        failures.add_column("line")
+        failures.add_column("reason", overflow="fold")
+        for record in summary.failures:
+            failures.add_row(record["id"], str(record.get("line", "")), str(record.get("error")))
+        console.print(failures)
+        raise typer.Exit(1)
 
 
 @app.command("export-tiny")

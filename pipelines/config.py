@@ -38,7 +38,11 @@ class ModelConfig(_Config):
 class ShotCacheConfig(_Config):
     """Denoised shots reused across requests, variants and replicas (pipelines/shot_cache.py)."""
 
-    enabled: bool = Field(default=False, description="look shots up before denoising them, keep new ones")
+    enabled: bool = Field(default=False, description="look every shot up before denoising it, keep new ones")
+    shared_shots: bool = Field(
+        default=True,
+        description="cache the shots a variant fan-out marks shared (Shot.shared) even with `enabled` off",
+    )
     memory_bytes: int = Field(
         default=256 * 2**20, ge=0, le=2**40, description="latents kept in each generator process's memory"
     )
@@ -90,6 +94,12 @@ class RenderConfig(_Config):
     )
     cache_dir: Path | None = Field(
         default=None, description="exported graphs; None: $SHOPREEL_CACHE_DIR/onnx or ~/.cache/shopreel/onnx"
+    )
+    frame_cache_bytes: int = Field(
+        default=512 * 2**20,
+        ge=0,
+        le=2**40,
+        description="decoded frames of cached shots kept per renderer process (LRU); 0: decode every time",
     )
 
 

@@ -147,7 +147,8 @@ class LatentGenerator:
             if self.config.batch_max_shots > 1
             else None
         )
-        self.cache = ShotCache(self.config.shot_cache) if self.config.shot_cache.enabled else None
+        cache = self.config.shot_cache
+        self.cache = ShotCache(cache) if cache.enabled or cache.shared_shots else None
         self._fingerprint: str | None = None  # of the model, for cache keys: computed on first use
 
     def settings(
@@ -303,17 +304,20 @@ class LatentGenerator:
             shot.index,
             on_step,
         )
-        key = self._cache_key(call) if self.cache is not None else None
-        latents = self.cache.get(key) if self.cache is not None and key is not None else None
-        cached = latents is not None
-        if latents is not None:  # the cache keeps latents on the CPU
+
+        def denoise() -> torch.Tensor:
+            return self.batcher.denoise(call) if self.batcher is not None else self._denoise_alone(call)
+
+        cacheable = self.cache is not None and (self.config.shot_cache.enabled or shot.shared)
+        key = self._cache_key(call) if cacheable else None
+        if self.cache is not None and key is not None:
+            latents, cached = self.cache.get_or_make(key, denoise)
+        else:
+            latents, cached = denoise(), False
+        if cached:  # the cache keeps latents on the CPU
             latents = latents.to(self.model.device)
             if on_step is not None:  # progress still reaches the end of the shot's steps
                 on_step(shot.index, settings.num_inference_steps, settings.num_inference_steps)
-        else:
-            latents = self.batcher.denoise(call) if self.batcher is not None else self._denoise_alone(call)
-            if self.cache is not None and key is not None:
-                self.cache.put(key, latents)
         denoise_s = time.perf_counter() - started
 
         # 2. Stream the shot out along time; the renderer decodes causally, chunk by chunk.
@@ -337,6 +341,7 @@ class LatentGenerator:
                 is_last=end == total,
                 is_last_shot=is_last_shot,
                 timings={"denoise_s": denoise_s if chunk_index == 0 else 0.0, "cached": float(cached)},
+                cache_key=key,
             )
 
     def _cache_key(self, call: _ShotCall) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,7 +34,7 @@ from .produce import (
 from .quality import QualityReport
 from .render import StreamingRenderer
 from .types import Campaign, ProductBrief, ProductImage, ShopperProfile, StageTimings, Storyboard
-from .understand import build_planner
+from .understand import build_planner, plan_variants, variant_leaders
 
 ProgressCallback = Callable[[ProductionProgress], None]
 FragmentCallback = Callable[[bytes], None]
@@ -82,6 +82,70 @@ class ProductVideoPipeline:
         if brief.narration:  # before any work: a missing engine is the request's error
             check_engine(self.config.compose.narration)
         return self.planner.plan(self.with_preset_defaults(brief), profile, campaign)
+
+    def plan_variants(
+        self,
+        brief: ProductBrief,
+        profiles: list[ShopperProfile | None],
+        campaign: Campaign | None = None,
+    ) -> list[Storyboard]:
+        """One storyboard per shopper, the shots they share marked (``Shot.shared``)."""
+        if brief.narration:
+            check_engine(self.config.compose.narration)
+        return plan_variants(self.planner, self.with_preset_defaults(brief), profiles, campaign)
+
+    def run_variants(
+        self,
+        brief: ProductBrief,
+        profiles: list[ShopperProfile | None],
+        campaign: Campaign | None = None,
+        *,
+        output_dir: Path,
+        audio: Literal["bed", "none"] | Path = "bed",
+        num_inference_steps: int | None = None,
+        concurrency: int = 2,
+        on_variant: Callable[[int, VideoResult], None] | None = None,
+    ) -> list[VideoResult]:
+        """A video per shopper profile, ``variant-<i>.mp4`` (+ ``.jpg``) in ``output_dir``.
+
+        Shared shots are denoised and decoded for the first variant that has them and taken from the
+        shot and frame caches by the others (``generate.shot_cache.shared_shots`` and
+        ``render.frame_cache_bytes``); captions, overlays and audio are composed per variant. Up to
+        ``concurrency`` variants are made at once, each after the one it takes shots from (as the
+        cluster's job workers do): what is left per variant is composing, which one thread cannot
+        spread over the cores.
+        """
+        if not 1 <= concurrency <= 16:
+            raise ValueError(f"concurrency must be in 1..16, got {concurrency}")
+        started = time.perf_counter()
+        storyboards = self.plan_variants(brief, profiles, campaign)
+        understand_s = (time.perf_counter() - started) / len(storyboards)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        leaders = variant_leaders(storyboards)
+        made: list[Future[VideoResult]] = []
+
+        def make(index: int) -> VideoResult:
+            leader = leaders[index]
+            if leader is not None:  # submitted earlier, so already running or done: no deadlock
+                made[leader].exception()  # its shots are cached now (or it failed: then make them here)
+            result = self.render_storyboard(
+                storyboards[index],
+                product_images=list(brief.images),
+                seed=brief.seed,
+                output_path=output_dir / f"variant-{index}.mp4",
+                thumbnail_path=output_dir / f"variant-{index}.jpg",
+                audio=audio,
+                num_inference_steps=num_inference_steps,
+                understand_s=understand_s,
+            )
+            if on_variant is not None:
+                on_variant(index, result)
+            return result
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="variant") as pool:
+            for index in range(len(storyboards)):  # a leader's future is in the list before its followers run
+                made.append(pool.submit(make, index))
+        return [future.result() for future in made]
 
     def run(
         self,

@@ -10,6 +10,10 @@ pinned in pyproject.toml for that reason.
 
 Backends sit behind a small registry (``BACKENDS``) so optimised decoders (ONNX Runtime, TensorRT)
 can replace the torch one with the same ``new_state``/``decode`` interface.
+
+A chunk that carries its shot's content address (``LatentChunk.cache_key``: the generator cached the
+shot, e.g. one shared by a product's variants) has its shot's frames kept in a memory LRU under that
+address and the decoder's identity: the next video with that shot gets them without decoding.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..kernels.postprocess import to_uint8_frames
-from .config import RenderConfig
+from .config import RenderConfig, ShotCacheConfig
+from .shot_cache import ShotCache
 from .types import FrameChunk, LatentChunk
 
 
@@ -180,6 +186,9 @@ class _ShotStream:
     next_chunk: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = field(default_factory=time.monotonic)
+    frames_key: str | None = None  # where the shot's frames are kept (None: not kept)
+    cached: torch.Tensor | None = None  # the shot's frames from the frame cache: nothing to decode
+    decoded: list[np.ndarray] = field(default_factory=list)  # frames so far, to keep at the shot's end
 
 
 class StreamingRenderer:
@@ -190,6 +199,8 @@ class StreamingRenderer:
         self.backend = build_backend(self.config.backend, vae, device, self.config)
         self._streams: dict[tuple[str, int], _ShotStream] = {}
         self._streams_lock = threading.Lock()
+        frame_bytes = self.config.frame_cache_bytes
+        self.frame_cache = ShotCache(ShotCacheConfig(memory_bytes=frame_bytes)) if frame_bytes else None
 
     @property
     def backend_name(self) -> str:
@@ -232,7 +243,7 @@ class StreamingRenderer:
                         f"request {chunk.request_id} shot {chunk.shot_index}: first chunk must start at "
                         f"latent frame 0, got {chunk.latent_start}"
                     )
-                stream = self._streams[key] = _ShotStream(state=self.backend.new_state())
+                stream = self._streams[key] = self._open_stream(chunk)
         with stream.lock:
             # 2. Causality needs order: a gap or repeat would corrupt the cache.
             if chunk.latent_start != stream.next_latent or chunk.latent_end <= chunk.latent_start:
@@ -241,12 +252,25 @@ class StreamingRenderer:
                     f"{stream.next_latent}, got [{chunk.latent_start}, {chunk.latent_end})"
                 )
             started = time.perf_counter()
-            video = self.backend.decode(stream.state, chunk.latents)  # type: ignore[arg-type]
-            frames = to_uint8_frames(video)
+            frame_start, frame_end = chunk.frame_range
+            if stream.cached is not None:
+                frames = stream.cached[frame_start:frame_end].numpy()
+            else:
+                video = self.backend.decode(stream.state, chunk.latents)  # type: ignore[arg-type]
+                frames = to_uint8_frames(video)
+                if stream.frames_key is not None:  # a copy: the caller owns (and may paint on) its frames
+                    stream.decoded.append(frames.copy())
             decode_s = time.perf_counter() - started
             stream.next_latent = chunk.latent_end
             stream.last_used = time.monotonic()
-            frame_start, frame_end = chunk.frame_range
+            if frames.shape[0] != frame_end - frame_start:
+                raise RuntimeError(
+                    f"request {chunk.request_id} shot {chunk.shot_index}: {frames.shape[0]} frames for "
+                    f"latent frames [{chunk.latent_start}, {chunk.latent_end})"
+                )
+            if chunk.is_last and stream.decoded and self.frame_cache is not None:
+                assert stream.frames_key is not None
+                self.frame_cache.put(stream.frames_key, torch.from_numpy(np.concatenate(stream.decoded)))
         # 3. The last chunk of a shot frees its cache.
         if chunk.is_last:
             self.release(chunk.request_id, chunk.shot_index)
@@ -259,8 +283,23 @@ class StreamingRenderer:
             frames=frames,
             is_last=chunk.is_last,
             is_last_shot=chunk.is_last_shot,
-            timings={**chunk.timings, "decode_s": decode_s},
+            timings={
+                **chunk.timings,
+                "decode_s": decode_s,
+                "frames_cached": float(stream.cached is not None),
+            },
         )
+
+    def _open_stream(self, chunk: LatentChunk) -> _ShotStream:
+        """A shot's state: its kept frames if the frame cache has them, else a fresh decoder cache."""
+        if chunk.cache_key is None or self.frame_cache is None:
+            return _ShotStream(state=self.backend.new_state())
+        described = self.backend.describe()
+        frames_key = f"{chunk.cache_key}:{self.backend.name}:{described.get('precision')}"
+        cached = self.frame_cache.get(frames_key)
+        if cached is not None:
+            return _ShotStream(state=None, frames_key=frames_key, cached=cached)
+        return _ShotStream(state=self.backend.new_state(), frames_key=frames_key)
 
     def release(self, request_id: str, shot_index: int | None = None) -> None:
         """Drop causal caches of a finished or abandoned request (one shot, or all of them)."""

@@ -15,7 +15,11 @@ Two tiers, both bounded in bytes and evicting the least recently used entry firs
   whole file or none; a read refreshes the file's mtime, which is what disk eviction orders by.
 
 A hit returns exactly the latents a miss would have computed on the same device type (seeded,
-deterministic denoising); a corrupt or unreadable file counts as a miss and is removed.
+deterministic denoising); a corrupt or unreadable file counts as a miss and is removed. Callers that
+miss the same key at the same time make it once (``get_or_make``): the others wait for it.
+
+The renderer keeps decoded frames the same way (memory only, keyed by the shot key and the decoder):
+``ShotCache`` holds any tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +106,7 @@ class ShotCache:
         self.stats = ShotCacheStats()
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self._making: dict[str, threading.Event] = {}  # keys some caller is making now
         self.directory = Path(config.directory) if config.directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -122,6 +128,33 @@ class ShotCache:
             self.stats.disk_hits += 1
             self._remember(key, from_disk)
         return from_disk.clone()
+
+    def get_or_make(self, key: str, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The tensor under ``key``, else what ``make()`` returns (then kept); ``True`` with a hit.
+
+        Concurrent callers of one key make it once: the others wait and then hit. If the maker fails,
+        or its result was too large to keep, a waiter makes it itself.
+        """
+        while True:
+            with self._lock:
+                pending = self._making.get(key)
+            if pending is not None:
+                pending.wait()
+            found = self.get(key)
+            if found is not None:
+                return found, True
+            with self._lock:
+                if key in self._making:  # another caller began meanwhile: wait for it instead
+                    continue
+                pending = self._making[key] = threading.Event()
+            try:
+                made = make()
+                self.put(key, made)
+                return made, False
+            finally:
+                with self._lock:
+                    del self._making[key]
+                pending.set()
 
     def put(self, key: str, latents: torch.Tensor) -> None:
         """Keep ``latents`` under ``key`` in both tiers (an entry larger than a tier skips it)."""

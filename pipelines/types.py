@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # --- Hard limits (one place; the API and the CLI report them by name) ------------------------------
 MAX_TITLE_CHARS = 120
+MAX_VARIANTS = 16  # shopper profiles (or segments) one variant fan-out may name
 MAX_CATEGORY_CHARS = 60
 MAX_ATTRIBUTES = 20
 MAX_ATTRIBUTE_KEY_CHARS = 40
@@ -285,6 +286,10 @@ class Shot(BaseModel):
     step_number: int | None = Field(
         default=None, ge=1, le=MAX_STEPS, description="a step shot's number, drawn in a badge"
     )
+    shared: bool = Field(
+        default=False,
+        description="the same shot (prompt, seed, frames) is in other variants: generated and rendered once",
+    )
 
     @field_validator("num_frames")
     @classmethod
@@ -394,6 +399,9 @@ class LatentChunk:
     is_last: bool  # last chunk of this shot
     is_last_shot: bool
     timings: dict[str, float] = field(default_factory=dict)
+    # The shot's content address (pipelines/shot_cache.py) when its frames may be reused: the renderer
+    # keeps them under it. None: decode every time.
+    cache_key: str | None = None
 
     @property
     def frame_range(self) -> tuple[int, int]:

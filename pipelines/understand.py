@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .compliance import CompliantPlanner
+from .compliance import CompliantPlanner, Planner
 from .config import ComplianceConfig, PlannerConfig
 from .embeddings import default_embedder
 from .types import (
@@ -42,6 +43,7 @@ from .types import (
     MAX_SHOTS,
     MAX_STEPS,
     MAX_TOTAL_FRAMES,
+    MAX_VARIANTS,
     STEP_MODES,
     CameraMove,
     Campaign,
@@ -265,6 +267,9 @@ class ShotSpec:
     weight: float = 1.0
     crossfade: bool = True  # into the next shot, when the config and the frames allow
     step_number: int | None = None  # a step shot's number (tutorial and process videos)
+    # Added to the brief's seed instead of the shot's index: a feature shot keeps the seed of its
+    # subject wherever a shopper's ranking puts it, so variants of one brief share it (None: index).
+    seed_offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,7 @@ class _Subject:
 
     caption: str
     focus: str
+    order: int  # its place before any shopper ranking: seed and camera move follow it, not the rank
 
 
 @dataclass(frozen=True)
@@ -309,13 +315,21 @@ def _require_size_fps(brief: ProductBrief) -> tuple[int, int, int]:
 def _subjects(brief: ProductBrief, points: list[str]) -> tuple[_Subject, ...]:
     """Selling points, then attributes; generic angles when the brief has neither."""
     texts = TEXTS[brief.language]
-    subjects = [_Subject(caption=point, focus=point) for point in points]
-    for key, value in brief.attributes.items():
+    unranked = list(enumerate(brief.selling_points))
+    subjects = []
+    for point in points:  # ranked: each takes the first unused place of the same text in the brief
+        place = next(i for i, (_, text) in enumerate(unranked) if text == point)
+        subjects.append(_Subject(caption=point, focus=point, order=unranked.pop(place)[0]))
+    for position, (key, value) in enumerate(brief.attributes.items(), start=len(points)):
         caption = fit_caption(texts["attribute"].format(key=key, value=value))
-        subjects.append(_Subject(caption=caption, focus=f"detail close-up of the {key} {value}"))
+        subjects.append(
+            _Subject(caption=caption, focus=f"detail close-up of the {key} {value}", order=position)
+        )
     if not subjects:
         column = 1 if brief.language == "zh" else 0
-        subjects = [_Subject(caption=item[column], focus=item[2]) for item in GENERIC_SUBJECTS]
+        subjects = [
+            _Subject(caption=item[column], focus=item[2], order=i) for i, item in enumerate(GENERIC_SUBJECTS)
+        ]
     return tuple(subjects)
 
 
@@ -399,11 +413,14 @@ def _hook_spec(ctx: PlanContext) -> ShotSpec:
 
 def _feature_spec(ctx: PlanContext, position: int) -> ShotSpec:
     # Past the end of the subjects, cycle again; each round shifts the camera move by one so a
-    # repeated subject is filmed differently.
+    # repeated subject is filmed differently. The move and the seed follow the subject's unranked place
+    # (equal to the position without a shopper), so every shopper's video films a subject alike.
     count = len(ctx.subjects)
     subject, round_ = ctx.subjects[position % count], position // count
-    move = FEATURE_MOVES[(ctx.brief.seed + position % count + round_) % len(FEATURE_MOVES)]
-    return ShotSpec(ShotKind.feature, _prompt(ctx, subject.focus, move), subject.caption, move)
+    move = FEATURE_MOVES[(ctx.brief.seed + subject.order + round_) % len(FEATURE_MOVES)]
+    prompt = _prompt(ctx, subject.focus, move)
+    seed_offset = 1 + subject.order + round_ * count  # the hook is shot 0
+    return ShotSpec(ShotKind.feature, prompt, subject.caption, move, seed_offset=seed_offset)
 
 
 def _step_hook_spec(ctx: PlanContext) -> ShotSpec:
@@ -469,7 +486,7 @@ def assemble_storyboard(
             camera_move=spec.camera_move,
             transition=Transition.crossfade if fade else Transition.cut,
             transition_frames=fade,
-            seed=(ctx.brief.seed + index) % 2**32,
+            seed=(ctx.brief.seed + (index if spec.seed_offset is None else spec.seed_offset)) % 2**32,
             step_number=spec.step_number,
         )
         for index, (spec, num_frames, fade) in enumerate(zip(specs, frames, fades, strict=True))
@@ -792,6 +809,64 @@ class LLMPlanner:
                 )
             prompt_length = encoded["input_ids"].shape[1]
             return str(tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True))
+
+
+# --- Variants -----------------------------------------------------------------------------------
+
+
+def shot_identity(storyboard: Storyboard, shot: Shot) -> tuple[object, ...]:
+    """What decides a shot's latents besides the model and the request's steps/guidance (the same
+    for every variant of one request): the shot cache's key without the model."""
+    return (
+        storyboard.width,
+        storyboard.height,
+        shot.prompt,
+        shot.negative_prompt,
+        shot.seed,
+        shot.num_frames,
+    )
+
+
+def mark_shared_shots(storyboards: Sequence[Storyboard]) -> list[Storyboard]:
+    """The storyboards with ``Shot.shared`` set on each shot that two or more of them hold."""
+    holders = Counter(
+        identity for board in storyboards for identity in {shot_identity(board, s) for s in board.shots}
+    )
+    return [
+        board.model_copy(
+            update={
+                "shots": [
+                    shot.model_copy(update={"shared": holders[shot_identity(board, shot)] > 1})
+                    for shot in board.shots
+                ]
+            }
+        )
+        for board in storyboards
+    ]
+
+
+def variant_leaders(storyboards: Sequence[Storyboard]) -> list[int | None]:
+    """For each variant, the first earlier one holding a shot it shares: it is made after that one, to
+    take the shots from the caches (None: it waits for nobody)."""
+    held = [{shot_identity(board, shot) for shot in board.shots if shot.shared} for board in storyboards]
+    return [next((j for j in range(i) if held[i] & held[j]), None) for i in range(len(storyboards))]
+
+
+def plan_variants(
+    planner: Planner,
+    brief: ProductBrief,
+    profiles: Sequence[ShopperProfile | None],
+    campaign: Campaign | None = None,
+) -> list[Storyboard]:
+    """One storyboard per shopper profile (or segment) for one product, its shared shots marked.
+
+    The hook, the product's features and the price shot look the same for every shopper (same prompt,
+    seed and frames); what a shopper changes is which features come first, the captions' language and
+    wording, and a preferred style (which changes every prompt, so nothing is shared then).
+    """
+    if not 1 <= len(profiles) <= MAX_VARIANTS:
+        raise ValueError(f"profiles must name 1..{MAX_VARIANTS} shoppers, got {len(profiles)}")
+    return mark_shared_shots([planner.plan(brief, profile, campaign) for profile in profiles])
 
 
 def build_planner(config: PlannerConfig, compliance: ComplianceConfig | None = None) -> CompliantPlanner:

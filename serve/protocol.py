@@ -37,6 +37,7 @@ from ..pipelines.types import (
     MAX_SELLING_POINTS,
     MAX_TITLE_CHARS,
     MAX_TOTAL_FRAMES,
+    MAX_VARIANTS,
     MIN_DURATION_S,
     MIN_FPS,
     Campaign,
@@ -320,6 +321,43 @@ class ProductVideoRequest(BaseModel):
                 num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
             ),
         )
+
+
+class ProductVideoVariantsRequest(BaseModel):
+    """``POST /v1/product-videos/variants``: one brief, a video job per shopper profile (or segment).
+
+    The shots the videos share (hook, product, price) are generated and rendered once: the first job
+    makes them, the others wait for it and take them from the caches.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    brief: ProductBrief
+    profiles: list[ShopperProfile] = Field(
+        min_length=1, max_length=MAX_VARIANTS, description="one video each, in this order"
+    )
+    campaign: Campaign | None = None
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
+    audio: AudioChoice = Field(default="bed", description="generated music bed, or silence")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    priority: Literal["normal", "bulk"] = Field(default="normal", description="bulk: after normal jobs")
+
+    @classmethod
+    def from_json(cls, data: object) -> ProductVideoVariantsRequest:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc) from None
+
+    def job_requests(self) -> list[JobRequest]:
+        options = GenerationOptions(
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
+        )
+        return [
+            JobRequest(brief=self.brief, profile=profile, campaign=self.campaign, options=options)
+            for profile in self.profiles
+        ]
 
 
 # --- JSON bodies ---------------------------------------------------------------------------------

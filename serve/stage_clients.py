@@ -404,7 +404,8 @@ class RemoteFrameRenderer:
         self.history: dict[int, list[np.ndarray]] = {}
         self.waiting: dict[int, list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]] = {}
         self.lanes: dict[int, asyncio.Task[None]] = {}
-        self.keyed: set[int] = set()  # shots whose calls carry a routing key (they span calls)
+        # Shots whose calls carry a routing key (they span calls, or their frames are cached) and the key.
+        self.keyed: dict[int, str] = {}
 
     async def render(self, chunk: LatentChunk) -> FrameChunk:
         shot = chunk.shot_index
@@ -418,8 +419,8 @@ class RemoteFrameRenderer:
     def release(self, request_id: str) -> None:
         for lane in self.lanes.values():
             lane.cancel()
-        for shot in self.keyed:  # shots that did not finish: their keys were not forgotten yet
-            forget_routing_key(self.renderer, self._routing_key(shot))
+        for key in self.keyed.values():  # shots that did not finish: their keys were not forgotten yet
+            forget_routing_key(self.renderer, key)
         self.keyed.clear()
         self.history.clear()  # replicas drop the shots' caches when they go idle
 
@@ -445,15 +446,21 @@ class RemoteFrameRenderer:
     def _routing_key(self, shot: int) -> str:
         return f"{self.request_id}:{shot}"
 
-    def _handle_for(self, shot: int, ends_shot: bool) -> DeploymentHandle:
-        """The renderer handle for a call of ``shot``: keyed once the shot spans calls, else plain."""
-        if ends_shot and shot not in self.keyed:
+    def _handle_for(self, shot: int, ends_shot: bool, cache_key: str | None) -> DeploymentHandle:
+        """The renderer handle for a call of ``shot``: plain for a shot decoded in one call; keyed by the
+        shot once it spans calls; keyed by its content address when its frames are cached, so that the
+        next video with that shot (a variant) goes to the replica that holds them."""
+        if cache_key is not None:
+            key = f"frames:{cache_key}"
+        elif ends_shot and shot not in self.keyed:
             return self.renderer.options(stream=True)
-        self.keyed.add(shot)
-        return self.renderer.options(multiplexed_model_id=self._routing_key(shot), stream=True)
+        else:
+            key = self._routing_key(shot)
+        self.keyed[shot] = key
+        return self.renderer.options(multiplexed_model_id=key, stream=True)
 
     async def _send(self, shot: int, batch: list[tuple[LatentChunk, asyncio.Future[FrameChunk]]]) -> None:
-        handle = self._handle_for(shot, ends_shot=batch[-1][0].is_last)
+        handle = self._handle_for(shot, ends_shot=batch[-1][0].is_last, cache_key=batch[0][0].cache_key)
         failures = _Failures("renderer", self.policy, self.request_id)
         history_asked = False
         while pending := [(chunk, frames) for chunk, frames in batch if not frames.done()]:
@@ -492,9 +499,8 @@ class RemoteFrameRenderer:
                 )
         if batch[-1][0].is_last:
             self.history.pop(shot, None)  # only now: a retry of this shot still needs it
-            if shot in self.keyed:
-                self.keyed.discard(shot)
-                forget_routing_key(self.renderer, self._routing_key(shot))
+            if shot in self.keyed:  # the router's index lets go; replicas still report the key they hold
+                forget_routing_key(self.renderer, self.keyed.pop(shot))
 
     def _earlier(self, chunk: LatentChunk) -> np.ndarray:
         return np.concatenate(self.history[chunk.shot_index], axis=2)[:, :, : chunk.latent_start]

@@ -95,6 +95,12 @@ class JobRecord(BaseModel):
     tenant: str = Field(default="default", pattern=TENANT_PATTERN, description="whose video it is")
     stored_bytes: int = Field(default=0, ge=0, description="bytes of its files in the video store")
     quality: dict[str, Any] | None = Field(default=None, description="the finished video's quality report")
+    wait_for: str | None = Field(
+        default=None,
+        pattern=f"^{VIDEO_ID_PATTERN}$",
+        description="claimed only once this job is neither queued nor running (a variant waits for the "
+        "one that makes the shots they share)",
+    )
 
 
 _COLUMNS = tuple(JobRecord.model_fields)
@@ -166,7 +172,10 @@ _SCHEMA_V4 = """
 _SCHEMA_V5 = """
     ALTER TABLE jobs ADD COLUMN quality TEXT
 """
-SCHEMA_VERSION = 5
+_SCHEMA_V6 = """
+    ALTER TABLE jobs ADD COLUMN wait_for TEXT
+"""
+SCHEMA_VERSION = 6
 QUOTA_WINDOW_S = 60  # videos_per_minute counts the videos a tenant started in this rolling window
 
 
@@ -250,6 +259,8 @@ class JobStore(abc.ABC):
             self._apply(conn, _SCHEMA_V4)
         if version < 5:
             self._apply(conn, _SCHEMA_V5)
+        if version < 6:
+            self._apply(conn, _SCHEMA_V6)
 
     # -- records --------------------------------------------------------------------------------
 
@@ -579,6 +590,14 @@ class JobStore(abc.ABC):
             self._run(conn, "DELETE FROM admissions WHERE id = ?", (record.id,))
         return record
 
+    def enqueue_many(self, records: builtins.list[JobRecord]) -> builtins.list[JobRecord]:
+        """Queue several planned jobs (their admission slots become jobs) in one transaction: all or none."""
+        with self._transaction() as conn:
+            for record in records:
+                self._insert(conn, record.model_copy(update={"status": "queued", "kind": "job"}))
+                self._run(conn, "DELETE FROM admissions WHERE id = ?", (record.id,))
+        return records
+
     def start(self, record: JobRecord, owner: str, lease_s: float) -> JobRecord:
         """Record a sync/streaming production that ``owner`` runs now, leased from the first instant.
 
@@ -611,8 +630,11 @@ class JobStore(abc.ABC):
             while True:
                 row = self._run(
                     conn,
-                    "SELECT * FROM jobs WHERE status = 'queued'"
-                    " OR (status = 'in_progress' AND (lease_expires_at IS NULL OR lease_expires_at <= {now}))"
+                    "SELECT * FROM jobs WHERE (status = 'queued' OR (status = 'in_progress'"
+                    " AND (lease_expires_at IS NULL OR lease_expires_at <= {now})))"
+                    # A variant waits until the one making the shots they share is done (or gone).
+                    " AND (wait_for IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS first WHERE"
+                    " first.id = jobs.wait_for AND first.status IN ('queued', 'in_progress')))"
                     # Normal before bulk (false sorts first), then oldest first.
                     f" ORDER BY (priority = 'bulk'), created_at, seq LIMIT 1{self.skip_locked}",
                 ).fetchone()

@@ -200,3 +200,30 @@ def test_tenant_quotas_from_the_cli(tmp_path):
 def test_bad_key_and_tenant_commands_exit_2(tmp_path, args, message):
     result = runner.invoke(app, [*args, "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_variants_without_shoppers_or_with_a_bad_profile_is_a_message_and_exit_2(tmp_path):
+    brief = str(EXAMPLES / "brief_en.json")
+    result = runner.invoke(app, ["variants", brief, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "name 1..16 shoppers" in result.output
+    bad = _write(tmp_path, {"interests": "not a list"})
+    result = runner.invoke(app, ["variants", brief, "--profile", str(bad), "--out", str(tmp_path)])
+    assert (
+        result.exit_code == 2
+        and "is not a valid profile" in result.output
+        and "Traceback" not in result.output
+    )
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+@pytest.mark.slow
+def test_variants_writes_a_video_per_shopper_and_says_what_they_share(tmp_path):
+    args = ["variants", str(EXAMPLES / "brief_en.json"), "--profile", str(EXAMPLES / "profile_runner.json")]
+    args += ["--segment", "students", "--segment", "commuters", "--out", str(tmp_path / "v")]
+    result = runner.invoke(app, [*args, "--size", "64x64", "--steps", "2", "--audio", "none"])
+    assert result.exit_code == 0, result.output
+    files = sorted(path.name for path in (tmp_path / "v").glob("variant-*.mp4"))
+    assert files == ["variant-0.mp4", "variant-1.mp4", "variant-2.mp4"]
+    # The runner's own style shares nothing; the two segments share every shot with each other.
+    assert "0/5" in result.output and result.output.count("5/5") == 2, result.output
+    assert all(probe(tmp_path / "v" / name).frames > 0 for name in files)

@@ -211,6 +211,40 @@ def test_a_job_is_accepted_queued_and_produced_without_http(tmp_path):
     assert order.request_id == record.id and order.audio == "bed"
 
 
+class LingeringStream(FakeStream):
+    """Ends ``linger_s`` after its last event, as a compositor's stream does after the video."""
+
+    def __init__(self, events, linger_s: float):
+        super().__init__(events)
+        self.linger_s = linger_s
+
+    async def _iterate(self):
+        for event in self.events:
+            yield event
+        await asyncio.sleep(self.linger_s)
+
+
+def test_a_production_that_recorded_its_video_is_not_stopped_while_it_finishes(tmp_path):
+    """Once the video is recorded its lease no longer renews; that must not cancel the production
+    (a sync request awaiting it answered a bare 500 when the renewal came in that moment)."""
+    frames = make_storyboard().total_frames
+    compositor = FakeCompositor()
+    compositor.produce = _Remote(lambda order: LingeringStream([Fragment(b"init"), _produced(frames)], 0.6))
+    service = _service(tmp_path, compositor, lease_s=0.5)  # renewed every 1/6 s while it lingers
+
+    async def scenario() -> tuple[JobRecord, bool]:
+        record, production = await service.accept(
+            JobRequest(brief=BRIEF), prompt=None, model="shopreel-tiny", kind="sync"
+        )
+        task = service.start_production(record, production)
+        await asyncio.wait_for(asyncio.shield(task), 10)  # raised CancelledError before the fix
+        return await asyncio.to_thread(service.jobs.get, record.id), task.cancelled()
+
+    record, cancelled = asyncio.run(scenario())
+    assert not cancelled and record.status == "completed"
+    assert service.recorded == set()  # forgotten when the production ended
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [(ValueError("no such font"), "invalid_request"), (RuntimeError("boom"), "internal_error")],

@@ -8,6 +8,7 @@ that call real in-process stage objects (tiny preset, torch renderer, CPU) and r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import pickle
 from collections.abc import AsyncIterator
@@ -351,7 +352,7 @@ def test_waiting_chunks_of_a_shot_go_in_one_streaming_call(die_on):
         assert (0, 1, 2, "FrameChunk") in renderer.calls
     # The shot spans calls: each carries its key, so they reach the replica holding its decoder cache.
     assert renderer.routing_keys == ["video_r:0"] * 2
-    assert port.history == {} and port.lanes == {} and port.keyed == set()  # the shot's end dropped them
+    assert port.history == {} and port.lanes == {} and port.keyed == {}  # the shot's end dropped them
 
 
 def test_a_shot_sent_whole_carries_no_routing_key():
@@ -367,4 +368,20 @@ def test_a_shot_sent_whole_carries_no_routing_key():
 
     got = asyncio.run(scenario())
     assert [frames.chunk_index for frames in got] == [0, 1, 2]
-    assert renderer.routing_keys == [None] and port.keyed == set()
+    assert renderer.routing_keys == [None] and port.keyed == {}
+
+
+def test_a_cached_shot_is_routed_by_its_content_address():
+    """A shot whose frames the renderer keeps (a variant's shared shot) is keyed by its address, so the
+    next variant's call reaches the replica that holds its frames; the router lets go of it after."""
+    renderer = FakeRenderer(_config(), set())
+    z_dim = renderer.replica.renderer.backend.vae.config.z_dim
+    latents = np.random.default_rng(5).standard_normal((1, z_dim, 6, 8, 8)).astype(np.float32)
+    chunks = [dataclasses.replace(chunk, cache_key="ab12") for chunk in _shot_chunks(latents)]
+    port = RemoteFrameRenderer(renderer, NO_WAIT, "video_r", max_in_flight=2)
+
+    async def scenario() -> list[Any]:
+        return list(await asyncio.gather(*(port.render(chunk) for chunk in chunks)))
+
+    assert [frames.chunk_index for frames in asyncio.run(scenario())] == [0, 1, 2]
+    assert renderer.routing_keys == ["frames:ab12"] and port.keyed == {}

@@ -304,6 +304,42 @@ def test_full_queue_answers_429_with_retry_after(http):
         assert http.delete(f"/v1/videos/{video_id}").json()["deleted"]
 
 
+def test_variants_are_jobs_that_share_their_common_shots(http, tmp_path):
+    _wait_idle(http)
+    body = {
+        "brief": {**FOUR_SHOT_BRIEF, "selling_points": ["Keeps coffee hot for 6 hours", "Leak-proof lid"]},
+        "profiles": [{"segment": "commuters"}, {"interests": ["leak", "bag"], "language": "zh"}],
+        "audio": "none",
+    }
+    answer = http.post("/v1/product-videos/variants", json=body)
+    assert answer.status_code == 200, answer.text
+    first, second = answer.json()["data"]
+    assert first["object"] == "video" and first["status"] == "queued"
+    assert first["shopreel"]["variant"] == 0 and first["shopreel"]["waits_for"] is None
+    assert second["shopreel"]["waits_for"] == first["id"] and second["shopreel"]["shared_shots"]
+    done = {}
+    deadline = time.monotonic() + 240
+    while len(done) < 2 and time.monotonic() < deadline:
+        for video in (first, second):
+            record = http.get(f"/v1/videos/{video['id']}").json()
+            if record["status"] in ("completed", "failed"):
+                done[video["id"]] = record
+        time.sleep(0.5)
+    assert [done[v["id"]]["status"] for v in (first, second)] == ["completed", "completed"], done
+    # The second waited for the first, then took every shared shot from the caches.
+    made, reused = done[first["id"]], done[second["id"]]
+    assert reused["created_at"] == made["created_at"] and reused["completed_at"] >= made["completed_at"]
+    # Same features, other order and captions: every shot is shared, so nothing was denoised or decoded.
+    assert second["shopreel"]["shared_shots"] == first["shopreel"]["shared_shots"] == [0, 1, 2, 3]
+    assert reused["shopreel"]["timings"]["generate_s"] < made["shopreel"]["timings"]["generate_s"] / 3
+    assert reused["shopreel"]["timings"]["render_s"] < made["shopreel"]["timings"]["render_s"] / 3
+    path = tmp_path / "variant.mp4"
+    path.write_bytes(http.get(f"/v1/videos/{second['id']}/content").content)
+    assert probe(path).frames == reused["shopreel"]["num_frames"]
+    refused = http.post("/v1/product-videos/variants", json={**body, "profiles": []})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "profiles"
+
+
 def test_metrics_expose_the_named_series(http):
     http.post("/v1/videos/sync", json={"prompt": "A pen.", "seconds": 2, "size": "64x64", "fps": 8})
     text = http.get("/metrics").text
@@ -532,6 +568,7 @@ V1_ENDPOINTS = [
     ("GET", f"/v1/videos/{FAKE_ID}/content"),
     ("POST", "/v1/videos/sync"),
     ("POST", "/v1/product-videos"),
+    ("POST", "/v1/product-videos/variants"),
 ]
 
 
@@ -652,7 +689,7 @@ def _cheap(case) -> None:
         if key in body and isinstance(body[key], (int, float, str)) and not isinstance(body[key], bool):
             body[key] = value
     brief = body.get("brief")
-    if case.path == "/v1/product-videos" and isinstance(brief, dict):
+    if case.path.startswith("/v1/product-videos") and isinstance(brief, dict):
         brief.update({key: value for key, value in CHEAP_BRIEF.items() if key in brief})
 
 
@@ -707,14 +744,14 @@ def test_the_api_answers_every_generated_request_as_its_schema_says(server, mode
             assert mode == "negative", operation.path
         except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report them all
             failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
-    assert operations == 20
+    assert operations == 21
     assert not failures, "\n\n".join(failures)
 
 
 def test_the_schema_describes_every_route(anonymous):
     schema = anonymous.get("/openapi.json").json()
     operations = {(method, path) for path, ops in schema["paths"].items() for method in ops}
-    assert len(operations) == 20 and ("post", "/v1/videos") in operations
+    assert len(operations) == 21 and ("post", "/v1/videos") in operations
     create = schema["paths"]["/v1/videos"]["post"]
     assert set(create["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     stream = schema["paths"]["/v1/product-videos"]["post"]["responses"]["200"]["content"]

@@ -476,3 +476,24 @@ def test_expired_videos_are_found_and_never_listed(jobs):
     listed = [record.id for record in jobs.list(order="asc")[0]]
     assert listed == [running.id, old_failure.id, fresh.id, new_failure.id]  # the expired one is gone
     assert jobs.counts()["stored_bytes"] == 120
+
+
+def test_a_job_waiting_for_another_is_claimed_only_once_that_one_is_done(jobs):
+    leader = jobs.enqueue(_record(created_at=2))
+    follower = jobs.enqueue(_record(created_at=1, wait_for=leader.id))  # older, yet it waits
+    other = jobs.enqueue(_record(created_at=3))
+    first = jobs.claim("w", lease_s=30, max_running=10, max_attempts=3)
+    assert first.record.id == leader.id  # the follower is skipped while its leader is queued
+    assert jobs.claim("w", lease_s=30, max_running=10, max_attempts=3).record.id == other.id
+    assert jobs.claim("w", lease_s=30, max_running=10, max_attempts=3) is None  # leader still running
+    jobs.update(leader.id, owner="w", status="failed", progress=0)  # done, even if it failed
+    claimed = jobs.claim("w", lease_s=30, max_running=10, max_attempts=3)
+    assert claimed.record.id == follower.id and claimed.record.wait_for == leader.id
+
+
+def test_a_job_whose_leader_was_deleted_is_claimed(jobs):
+    leader = jobs.enqueue(_record())
+    follower = jobs.enqueue(_record(wait_for=leader.id))
+    assert jobs.enqueue_many([]) == []
+    assert jobs.delete(leader.id)
+    assert jobs.claim("w", lease_s=30, max_running=10, max_attempts=3).record.id == follower.id
