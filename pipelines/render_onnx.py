@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .render import TorchDecoderBackend
+from .shot_cache import weights_digest  # graphs are addressed by the VAE's weights, like shots by theirs
 
 logger = logging.getLogger("shopreel.pipelines.render")
 
@@ -100,20 +101,6 @@ def execution_providers(device: torch.device) -> list[str]:
             p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available
         ] + wanted
     return wanted
-
-
-def weights_digest(vae: Any) -> str:
-    """sha256 over the VAE's config and every parameter/buffer: a changed model gets new cache keys."""
-    # diffusers' private config keys (e.g. ``_use_default_values``, a list built from a set) change
-    # order from one process to the next: a key built from them would never be found again.
-    config = vae.config  # diffusers: a FrozenDict; transformers (a text encoder): a PretrainedConfig
-    items = config.to_dict().items() if hasattr(config, "to_dict") else dict(config).items()
-    public = {key: value for key, value in items if not key.startswith("_")}
-    digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_key(weights: str, latent_hw: tuple[int, int], precision: str) -> str:

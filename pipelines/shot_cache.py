@@ -56,11 +56,23 @@ class ShotCacheStats:
     disk_bytes: int = 0
 
 
+def weights_digest(vae: Any) -> str:
+    """sha256 over a model's config and every parameter/buffer: a changed model gets new cache keys."""
+    # diffusers' private config keys (e.g. ``_use_default_values``, a list built from a set) change
+    # order from one process to the next: a key built from them would never be found again.
+    config = vae.config  # diffusers: a FrozenDict; transformers (a text encoder): a PretrainedConfig
+    items = config.to_dict().items() if hasattr(config, "to_dict") else dict(config).items()
+    public = {key: value for key, value in items if not key.startswith("_")}
+    digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def model_fingerprint(pipe: Any, device_type: str) -> str:
     """sha256 over what decides a shot's latents besides its inputs: the denoiser's and text encoder's
     configs and weights, the scheduler's config, the weights' dtype and the device type."""
-    from .render_onnx import weights_digest
-
     digest = hashlib.sha256(device_type.encode())
     for name in ("transformer", "text_encoder"):
         module = getattr(pipe, name)
