@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .types import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,10 +56,13 @@ class ShotCacheConfig(_Config):
 
 class GenerateConfig(_Config):
     num_inference_steps: int | None = Field(
-        default=None, ge=1, le=100, description="denoising steps; None: the preset's default"
+        default=None, ge=1, le=MAX_INFERENCE_STEPS, description="denoising steps; None: the preset's default"
     )
     guidance_scale: float | None = Field(
-        default=None, ge=0.0, le=20.0, description="classifier-free guidance; None: the preset's default"
+        default=None,
+        ge=0.0,
+        le=MAX_GUIDANCE_SCALE,
+        description="classifier-free guidance; None: the preset's default",
     )
     chunk_latent_frames: int = Field(
         default=2, ge=1, le=41, description="latent frames per LatentChunk handed to the renderer"

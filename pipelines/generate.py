@@ -27,7 +27,7 @@ import torch
 from .config import GenerateConfig
 from .presets import LoadedModel
 from .shot_cache import ShotCache, model_fingerprint, shot_key
-from .types import LatentChunk, Shot, Storyboard
+from .types import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, LatentChunk, Shot, Storyboard
 
 # Called after every denoising step: (shot index, step done, steps in total).
 StepCallback = Callable[[int, int, int], None]
@@ -157,8 +157,8 @@ class LatentGenerator:
         """Per-request value, else the config's, else the preset's default."""
         preset = self.model.preset
         if guidance_scale is not None:
-            if not 0.0 <= guidance_scale <= 20.0:
-                raise ValueError(f"guidance_scale must be in 0..20, got {guidance_scale}")
+            if not 0.0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+                raise ValueError(f"guidance_scale must be in 0..{MAX_GUIDANCE_SCALE:g}, got {guidance_scale}")
             guidance = guidance_scale
         elif self.config.guidance_scale is not None:
             guidance = self.config.guidance_scale
@@ -186,8 +186,10 @@ class LatentGenerator:
                     f"shots[{shot.index}].num_frames={shot.num_frames} must be "
                     f"{self._temporal_factor}k+1 for this model"
                 )
-        if num_inference_steps is not None and not 1 <= num_inference_steps <= 100:
-            raise ValueError(f"num_inference_steps must be in 1..100, got {num_inference_steps}")
+        if num_inference_steps is not None and not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"num_inference_steps must be in 1..{MAX_INFERENCE_STEPS}, got {num_inference_steps}"
+            )
 
     def generate(
         self,

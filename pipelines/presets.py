@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ModelConfig
-from .types import MAX_FPS, MIN_FPS, VideoSize
+from .types import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, MIN_FPS, VideoSize
 
 if TYPE_CHECKING:
     import torch
@@ -195,8 +195,8 @@ class CheckpointDefaults(BaseModel):
 
     default_size: VideoSize = VideoSize(width=832, height=480)
     default_fps: int = Field(default=16, ge=MIN_FPS, le=MAX_FPS)
-    default_steps: int = Field(default=30, ge=1, le=100)
-    default_guidance: float = Field(default=5.0, ge=0.0, le=20.0)
+    default_steps: int = Field(default=30, ge=1, le=MAX_INFERENCE_STEPS)
+    default_guidance: float = Field(default=5.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
     max_sequence_length: int = Field(default=512, ge=8, le=1024)
     untrained: bool = False
 

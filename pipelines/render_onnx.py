@@ -10,8 +10,9 @@ is checked against that reference before it serves (PSNR floor).
 
 Exported files are cached on disk under a key of the VAE's weights and config, the latent shape,
 the precision and the torch/onnxruntime versions, so a changed model or size never reuses a stale
-graph. INT8 is ONNX Runtime's static QDQ quantisation of the steady step (the first two stay fp32),
-calibrated on real generator latents (``quantize_int8``), and is activated only when its PSNR
+graph. INT8 is ONNX Runtime's static QDQ quantisation, calibrated on real generator latents
+(``quantize_int8``): the steady step always, the first two steps too when the floor holds with them
+INT8 (else they stay fp32). It is activated only when its PSNR
 against the fp32 torch reference on held-out latents reaches the configured floor.
 """
 

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # --- Hard limits (one place; the API and the CLI report them by name) ------------------------------
 MAX_TITLE_CHARS = 120
 MAX_VARIANTS = 16  # shopper profiles (or segments) one variant fan-out may name
+MAX_INFERENCE_STEPS = 100  # denoising steps a request, a config or a preset may ask for
+MAX_GUIDANCE_SCALE = 20.0  # classifier-free guidance a request, a config or a preset may ask for
 MAX_CATEGORY_CHARS = 60
 MAX_ATTRIBUTES = 20
 MAX_ATTRIBUTE_KEY_CHARS = 40

@@ -30,7 +30,9 @@ from starlette.responses import JSONResponse
 from ..pipelines.types import (
     MAX_DURATION_S,
     MAX_FPS,
+    MAX_GUIDANCE_SCALE,
     MAX_IMAGE_BYTES,
+    MAX_INFERENCE_STEPS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SELLING_POINT_CHARS,
@@ -52,8 +54,6 @@ from .store import MAX_LIST_LIMIT, VIDEO_ID_PATTERN, JobRecord, ListOrder, Video
 
 DEFAULT_SECONDS = 4.0  # OpenAI's default clip length
 DEFAULT_LIST_LIMIT = 20
-MAX_INFERENCE_STEPS = 100
-MAX_GUIDANCE_SCALE = 20.0
 MAX_MODEL_CHARS = 256
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024  # a brief with four 8 MB images is refused by the image limit
 MAX_JSON_DEPTH = 32  # our deepest request nests 5 levels; deeper is abuse (and Python's parser recurses)
