@@ -95,16 +95,15 @@ def _split_line(data: Any) -> tuple[str | None, dict[str, Any]]:
     """(explicit id or None, {"brief": ..., "profile": ..., "campaign": ...}) of a parsed line."""
     if not isinstance(data, dict):
         raise ValueError("a catalog line must be a JSON object (a brief, or {'id', 'brief', ...})")
+    explicit = data.get("id", data.get("sku"))
     if "brief" in data:
         unknown = sorted(set(data) - WRAPPER_KEYS)
         if unknown:
             raise ValueError(
                 f"unknown key(s) {', '.join(unknown)} next to 'brief' (allowed: id, sku, profile, campaign)"
             )
-        explicit = data.get("id", data.get("sku"))
         parts = {key: data[key] for key in ("brief", "profile", "campaign") if data.get(key) is not None}
     else:
-        explicit = data.get("id", data.get("sku"))
         parts = {"brief": {key: value for key, value in data.items() if key not in ("id", "sku")}}
     if explicit is not None:
         if not isinstance(explicit, (str, int)) or isinstance(explicit, bool):
@@ -134,8 +133,9 @@ def scan_catalog(path: Path) -> Iterator[CatalogEntry]:
                 continue
             error = None
             try:
-                explicit, _ = _split_line(json.loads(text))
-                product_id = explicit or canonical_id(json.loads(text))
+                data = json.loads(text)
+                explicit, _ = _split_line(data)
+                product_id = explicit or canonical_id(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 product_id = "line-" + hashlib.sha256(text).hexdigest()[:16]
                 error = f"line {line_no} is not valid JSON: {exc}"

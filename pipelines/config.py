@@ -80,7 +80,7 @@ class GenerateConfig(_Config):
         description="how long a shot waits for batch partners, only while other videos are denoising",
     )
     shot_cache: ShotCacheConfig = Field(
-        default_factory=ShotCacheConfig, description="reuse denoised shots (off: every shot is denoised)"
+        default_factory=ShotCacheConfig, description="reuse denoised shots: variants' shared ones, or all"
     )
 
 

@@ -56,15 +56,15 @@ class ShotCacheStats:
     disk_bytes: int = 0
 
 
-def weights_digest(vae: Any) -> str:
+def weights_digest(module: Any) -> str:
     """sha256 over a model's config and every parameter/buffer: a changed model gets new cache keys."""
     # diffusers' private config keys (e.g. ``_use_default_values``, a list built from a set) change
     # order from one process to the next: a key built from them would never be found again.
-    config = vae.config  # diffusers: a FrozenDict; transformers (a text encoder): a PretrainedConfig
+    config = module.config  # diffusers: a FrozenDict; transformers (a text encoder): a PretrainedConfig
     items = config.to_dict().items() if hasattr(config, "to_dict") else dict(config).items()
     public = {key: value for key, value in items if not key.startswith("_")}
     digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,10 +114,6 @@ class BatchSummary:
     @property
     def seconds_per_video(self) -> float | None:
         return self.seconds / self.done if self.done else None
-
-    @property
-    def complete(self) -> bool:
-        return not self.failures
 
 
 @contextmanager
@@ -440,11 +436,3 @@ def _run_cluster(
     ):
         for future in [pool.submit(one, client, entry) for entry in todo]:
             future.result()
-
-
-def summary_dict(summary: BatchSummary) -> dict[str, Any]:
-    """The summary as JSON-able values (for scripts and tests)."""
-    values = asdict(summary)
-    values["out_dir"] = str(summary.out_dir)
-    values["seconds_per_video"] = summary.seconds_per_video
-    return values

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import FormData
@@ -287,15 +287,13 @@ class JobRequest(BaseModel):
     options: GenerationOptions = Field(default_factory=GenerationOptions)
 
 
-class ProductVideoRequest(BaseModel):
-    """``POST /v1/product-videos``: a structured brief; ``stream`` answers with fMP4 as it is made."""
+class _ProductVideoFields(BaseModel):
+    """What both product-video routes take besides their shoppers: the brief and the sampler's options."""
 
     model_config = ConfigDict(extra="forbid")
 
     brief: ProductBrief
-    profile: ShopperProfile | None = None
     campaign: Campaign | None = None
-    stream: bool = Field(default=False, description="true: video/mp4 bytes now; false: a job to poll")
     model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
     audio: AudioChoice = Field(default="bed", description="generated music bed, or silence")
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
@@ -306,58 +304,45 @@ class ProductVideoRequest(BaseModel):
     )
 
     @classmethod
-    def from_json(cls, data: object) -> ProductVideoRequest:
+    def from_json(cls: type[_ProductRequest], data: object) -> _ProductRequest:
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise APIError.from_validation_error(exc) from None
 
-    def job_request(self) -> JobRequest:
-        return JobRequest(
-            brief=self.brief,
-            profile=self.profile,
-            campaign=self.campaign,
-            options=GenerationOptions(
-                num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
-            ),
+    def _job_request(self, profile: ShopperProfile | None) -> JobRequest:
+        options = GenerationOptions(
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
         )
+        return JobRequest(brief=self.brief, profile=profile, campaign=self.campaign, options=options)
 
 
-class ProductVideoVariantsRequest(BaseModel):
+_ProductRequest = TypeVar("_ProductRequest", bound=_ProductVideoFields)
+
+
+class ProductVideoRequest(_ProductVideoFields):
+    """``POST /v1/product-videos``: a structured brief; ``stream`` answers with fMP4 as it is made."""
+
+    profile: ShopperProfile | None = None
+    stream: bool = Field(default=False, description="true: video/mp4 bytes now; false: a job to poll")
+
+    def job_request(self) -> JobRequest:
+        return self._job_request(self.profile)
+
+
+class ProductVideoVariantsRequest(_ProductVideoFields):
     """``POST /v1/product-videos/variants``: one brief, a video job per shopper profile (or segment).
 
     The shots the videos share (hook, product, price) are generated and rendered once: the first job
     makes them, the others wait for it and take them from the caches.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    brief: ProductBrief
     profiles: list[ShopperProfile] = Field(
         min_length=1, max_length=MAX_VARIANTS, description="one video each, in this order"
     )
-    campaign: Campaign | None = None
-    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
-    audio: AudioChoice = Field(default="bed", description="generated music bed, or silence")
-    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
-    priority: Literal["normal", "bulk"] = Field(default="normal", description="bulk: after normal jobs")
-
-    @classmethod
-    def from_json(cls, data: object) -> ProductVideoVariantsRequest:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise APIError.from_validation_error(exc) from None
 
     def job_requests(self) -> list[JobRequest]:
-        options = GenerationOptions(
-            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
-        )
-        return [
-            JobRequest(brief=self.brief, profile=profile, campaign=self.campaign, options=options)
-            for profile in self.profiles
-        ]
+        return [self._job_request(profile) for profile in self.profiles]
 
 
 # --- JSON bodies ---------------------------------------------------------------------------------

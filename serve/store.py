@@ -585,13 +585,10 @@ class JobStore(abc.ABC):
 
     def enqueue(self, record: JobRecord) -> JobRecord:
         """Turn a planned job's admission slot into the queued job, atomically."""
-        with self._transaction() as conn:
-            self._insert(conn, record.model_copy(update={"status": "queued", "kind": "job"}))
-            self._run(conn, "DELETE FROM admissions WHERE id = ?", (record.id,))
-        return record
+        return self.enqueue_many([record])[0]
 
     def enqueue_many(self, records: builtins.list[JobRecord]) -> builtins.list[JobRecord]:
-        """Queue several planned jobs (their admission slots become jobs) in one transaction: all or none."""
+        """Queue planned jobs (their admission slots become the jobs) in one transaction: all or none."""
         with self._transaction() as conn:
             for record in records:
                 self._insert(conn, record.model_copy(update={"status": "queued", "kind": "job"}))
