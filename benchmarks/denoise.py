@@ -710,8 +710,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "s/step: denoising seconds over the steps of all shots. Video: plan to MP4 with quality "
             "scoring; rendering overlaps denoising. With the gate on: cached (passed), refused (a "
-            "request's own step cache below a floor: the API answers 400 with the figures) or uncached "
-            "(a profile's step cache below a floor is dropped, the video made uncached).",
+            "request's own step cache below a floor: the video fails as invalid_request with the "
+            "figures) or uncached (a profile's step cache below a floor is dropped, the video made "
+            "uncached).",
             "",
         ]
     return "\n".join(lines)
