@@ -197,7 +197,7 @@ class ProductVideoPipeline:
     ) -> VideoResult:
         """Generate, render and compose a planned storyboard (the production driver on local stages)."""
         started = time.perf_counter() if started is None else started
-        # Check everything before any model work, so bad input costs nothing.
+        # 1. Check everything before any model work, so bad input costs nothing.
         self.generator.check_inputs(storyboard, num_inference_steps)
         order = ProductionOrder(
             request_id=request_id or uuid.uuid4().hex,
@@ -208,6 +208,8 @@ class ProductVideoPipeline:
             num_inference_steps=num_inference_steps,
         )
 
+        # 2. Drive the production on this process's stages, handing fragments and progress to the
+        #    callbacks as they come.
         async def drive() -> Produced:
             events = produce(
                 order,
@@ -231,6 +233,8 @@ class ProductVideoPipeline:
             raise RuntimeError("the production ended without a video")  # produce() always ends with one
 
         produced = asyncio.run(drive())
+
+        # 3. The video and where its time went.
         return VideoResult(
             request_id=order.request_id,
             storyboard=storyboard,
