@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -95,11 +95,35 @@ def generate(
     llm_path: Annotated[Path | None, typer.Option(help="local causal-LM directory for --planner llm")] = None,
     renderer: Annotated[str, typer.Option(help="decoder: auto, torch, onnxruntime, tensorrt")] = "auto",
     renderer_precision: Annotated[str, typer.Option(help="decoder precision: fp32, int8")] = "fp32",
+    speed_profile: Annotated[
+        str, typer.Option(help="quality, balanced or fast: steps, scheduler and step cache")
+    ] = "quality",
+    step_cache: Annotated[
+        str | None,
+        typer.Option(help="none, first_block, mag, taylorseer, pab, sea (default: the profile's)"),
+    ] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the denoiser's blocks (slow first shot)")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Make a product video from a brief, in this process (no cluster needed)."""
-    from .pipelines.config import GenerateConfig, ModelConfig, PipelineConfig, PlannerConfig, RenderConfig
-    from .pipelines.types import Campaign, ProductBrief, ShopperProfile, describe_validation_error
+    from .pipelines.config import (
+        CompileConfig,
+        GenerateConfig,
+        ModelConfig,
+        PipelineConfig,
+        PlannerConfig,
+        RenderConfig,
+    )
+    from .pipelines.step_cache import FidelityRefused
+    from .pipelines.types import (
+        Campaign,
+        ProductBrief,
+        ShopperProfile,
+        StepCacheMethod,
+        describe_validation_error,
+    )
 
     try:
         # 1. Read and check every input before loading any model.
@@ -118,12 +142,18 @@ def generate(
         try:
             config = PipelineConfig(
                 model=ModelConfig(preset=preset, device=device, dtype=dtype),  # type: ignore[arg-type]
-                generate=GenerateConfig(num_inference_steps=steps),
+                generate=GenerateConfig(
+                    num_inference_steps=steps,
+                    speed_profile=speed_profile,  # type: ignore[arg-type]
+                    compile=CompileConfig(enabled=compile),
+                ),
                 planner=PlannerConfig(kind=planner, llm_path=llm_path),  # type: ignore[arg-type]
                 render=RenderConfig(backend=renderer, precision=renderer_precision),  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             raise UserError("invalid option: " + "; ".join(describe_validation_error(exc))) from exc
+        if step_cache is not None and step_cache not in get_args(StepCacheMethod):
+            raise UserError(f"--step-cache {step_cache}: pick one of {', '.join(get_args(StepCacheMethod))}")
         # 2. Build the pipeline (model loading errors about presets/devices are user errors).
         from .pipelines.pipeline import ProductVideoPipeline
 
@@ -139,8 +169,14 @@ def generate(
     if storyboard_out is not None:
         storyboard_out.write_text(storyboard.model_dump_json(indent=2), encoding="utf-8")
 
-    # 3. Run with a progress bar (denoising steps and composed frames).
-    result = _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio_source, quiet)
+    # 3. Run with a progress bar (denoising steps and composed frames). A step cache asked for here
+    #    that misses the fidelity floor is refused before any shot is denoised.
+    try:
+        result = _run_with_progress(
+            pipeline, product, shopper, event, output, thumbnail, audio_source, quiet, step_cache
+        )
+    except FidelityRefused as exc:
+        raise _fail(str(exc)) from None
     _print_result(result, output, thumbnail)
     _print_renderer(pipeline.renderer.describe())
 
@@ -261,7 +297,7 @@ def _print_storyboard(storyboard: Any, preset: Any) -> None:
         )
 
 
-def _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio, quiet):  # noqa: ANN001
+def _run_with_progress(pipeline, product, shopper, event, output, thumbnail, audio, quiet, step_cache=None):  # noqa: ANN001
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .pipelines.produce import ProductionProgress
@@ -296,6 +332,7 @@ def _run_with_progress(pipeline, product, shopper, event, output, thumbnail, aud
             thumbnail_path=thumbnail,
             audio=audio,
             on_progress=on_progress,
+            step_cache=step_cache,
         )
 
 
@@ -526,6 +563,9 @@ def remote(
     profile: Annotated[Path | None, typer.Option(help="shopper profile JSON")] = None,
     campaign: Annotated[Path | None, typer.Option(help="campaign JSON (e.g. 11.11)")] = None,
     wait: Annotated[float, typer.Option(help="seconds to wait for the server to become ready")] = 0.0,
+    speed_profile: Annotated[
+        str | None, typer.Option(help="quality, balanced or fast (default: an event's, else the server's)")
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -544,6 +584,8 @@ def remote(
             body["profile"] = _read_json(profile, "profile")
         if campaign is not None:
             body["campaign"] = _read_json(campaign, "campaign")
+        if speed_profile is not None:
+            body["speed_profile"] = speed_profile  # the server answers 400 to an unknown name
     except UserError as exc:
         raise _fail(str(exc)) from None
     deadline = time.monotonic() + wait

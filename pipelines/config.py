@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .types import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS
+from .types import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS, SpeedProfileName, StepCacheMethod
 
 
 class _Config(BaseModel):
@@ -54,6 +54,98 @@ class ShotCacheConfig(_Config):
     disk_bytes: int = Field(default=4 * 2**30, ge=0, le=2**50, description="bytes of latents kept on disk")
 
 
+class StepCacheConfig(_Config):
+    """Training-free step caching on the denoiser (diffusers hooks), behind a fidelity gate.
+
+    Each method reuses work of earlier denoising steps where the model's activations barely change;
+    the thresholds trade speed for fidelity. ``gate`` compares a setting's output with the uncached
+    one on calibration prompts before its first use and refuses it below the floors.
+    """
+
+    method: StepCacheMethod = Field(
+        default="none",
+        description="none; first_block (FirstBlockCache), mag (MagCache), taylorseer (TaylorSeer), pab "
+        "(Pyramid Attention Broadcast), sea (SeaCache)",
+    )
+    first_block_threshold: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="first_block: skip the other blocks while the first block's output changes by less "
+        "than this (relative mean absolute difference); higher: faster, less faithful",
+    )
+    mag_threshold: float = Field(
+        default=0.06,
+        ge=0.0,
+        le=1.0,
+        description="mag: skip while the accumulated residual-magnitude error stays under this",
+    )
+    mag_max_skip_steps: int = Field(
+        default=3, ge=1, le=20, description="mag: consecutive steps skipped at most"
+    )
+    mag_retention_ratio: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="mag: share of the first steps never skipped"
+    )
+    taylorseer_interval: int = Field(
+        default=3, ge=2, le=20, description="taylorseer: one full step every this many; the others predicted"
+    )
+    taylorseer_warmup_steps: int = Field(
+        default=3, ge=1, le=50, description="taylorseer: first steps always computed (fit the Taylor series)"
+    )
+    taylorseer_order: int = Field(default=1, ge=1, le=3, description="taylorseer: order of the Taylor series")
+    pab_skip_range: int = Field(
+        default=2, ge=2, le=10, description="pab: self-attention recomputed every this many steps"
+    )
+    pab_timestep_range: tuple[int, int] = Field(
+        default=(100, 800),
+        description="pab: broadcast attention only while the timestep (0..1000) is inside this range",
+    )
+    sea_threshold: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=5.0,
+        description="sea: accumulated relative change allowed before a full step",
+    )
+    gate: bool = Field(
+        default=True, description="refuse a setting whose output misses the floors against the uncached one"
+    )
+    min_psnr_db: float = Field(
+        default=30.0, ge=0.0, le=100.0, description="gate: PSNR of decoded frames vs the uncached output"
+    )
+    max_latent_error: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=10.0,
+        description="gate: relative L2 error of the latents vs the uncached ones",
+    )
+    calibration_prompts: int = Field(
+        default=2, ge=1, le=8, description="gate: built-in product prompts the setting is measured on"
+    )
+    calibration_frames: int = Field(
+        default=9, ge=1, le=81, description="gate: frames of each calibration clip (4k+1 for Wan)"
+    )
+
+    @model_validator(mode="after")
+    def _check_pab_range(self) -> StepCacheConfig:
+        low, high = self.pab_timestep_range
+        if not 0 <= low < high <= 1000:
+            raise ValueError(
+                f"pab_timestep_range must be (low, high) with 0 <= low < high <= 1000, got {low, high}"
+            )
+        return self
+
+
+class CompileConfig(_Config):
+    """torch.compile of the denoiser's repeated blocks (regional compilation, as diffusers recommends)."""
+
+    enabled: bool = Field(default=False, description="compile each transformer block once, reused by all")
+    mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
+        default="default",
+        description="torch.compile mode; reduce-overhead adds CUDA graphs (static shapes, CUDA only)",
+    )
+    fullgraph: bool = Field(default=True, description="fail on graph breaks instead of silently splitting")
+
+
 class GenerateConfig(_Config):
     num_inference_steps: int | None = Field(
         default=None, ge=1, le=MAX_INFERENCE_STEPS, description="denoising steps; None: the preset's default"
@@ -81,6 +173,21 @@ class GenerateConfig(_Config):
     )
     shot_cache: ShotCacheConfig = Field(
         default_factory=ShotCacheConfig, description="reuse denoised shots: variants' shared ones, or all"
+    )
+    speed_profile: SpeedProfileName = Field(
+        default="quality",
+        description="steps, scheduler and step cache for requests that name none (pipelines/speed.py)",
+    )
+    step_cache: StepCacheConfig = Field(
+        default_factory=StepCacheConfig, description="step caching: method, thresholds and its fidelity gate"
+    )
+    compile: CompileConfig = Field(default_factory=CompileConfig, description="torch.compile of the denoiser")
+    prompt_cache_bytes: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        le=2**40,
+        description="text-encoder outputs kept per prompt, on the model's device (a campaign repeats "
+        "prompts; 4 MiB each for Wan 2.1 in bf16); 0: encode every time",
     )
 
 

@@ -33,7 +33,16 @@ from .produce import (
 )
 from .quality import QualityReport
 from .render import StreamingRenderer
-from .types import Campaign, ProductBrief, ProductImage, ShopperProfile, StageTimings, Storyboard
+from .types import (
+    Campaign,
+    ProductBrief,
+    ProductImage,
+    ShopperProfile,
+    SpeedProfileName,
+    StageTimings,
+    StepCacheMethod,
+    Storyboard,
+)
 from .understand import build_planner, plan_variants, variant_leaders
 
 ProgressCallback = Callable[[ProductionProgress], None]
@@ -160,6 +169,8 @@ class ProductVideoPipeline:
         request_id: str | None = None,
         on_progress: ProgressCallback | None = None,
         on_fragment: FragmentCallback | None = None,
+        speed_profile: SpeedProfileName | None = None,
+        step_cache: StepCacheMethod | None = None,
     ) -> VideoResult:
         started = time.perf_counter()
         storyboard = self.plan(brief, profile, campaign)
@@ -177,6 +188,8 @@ class ProductVideoPipeline:
             on_fragment=on_fragment,
             started=started,
             understand_s=understand_s,
+            speed_profile=speed_profile,
+            step_cache=step_cache,
         )
 
     def render_storyboard(
@@ -194,11 +207,17 @@ class ProductVideoPipeline:
         on_fragment: FragmentCallback | None = None,
         started: float | None = None,
         understand_s: float = 0.0,
+        speed_profile: SpeedProfileName | None = None,
+        step_cache: StepCacheMethod | None = None,
     ) -> VideoResult:
         """Generate, render and compose a planned storyboard (the production driver on local stages)."""
         started = time.perf_counter() if started is None else started
-        # 1. Check everything before any model work, so bad input costs nothing.
+        # 1. Check everything before any model work, so bad input costs nothing; a step cache this
+        #    call asks for is measured by the fidelity gate now (refused below its floor).
         self.generator.check_inputs(storyboard, num_inference_steps)
+        settings = self.generator.gated(
+            self.generator.settings(num_inference_steps, None, speed_profile, step_cache)
+        )
         order = ProductionOrder(
             request_id=request_id or uuid.uuid4().hex,
             storyboard=storyboard,
@@ -206,6 +225,8 @@ class ProductVideoPipeline:
             seed=seed,
             audio=audio,
             num_inference_steps=num_inference_steps,
+            speed_profile=speed_profile,
+            step_cache=step_cache,
         )
 
         # 2. Drive the production on this process's stages, handing fragments and progress to the
@@ -240,7 +261,7 @@ class ProductVideoPipeline:
             storyboard=storyboard,
             compose=produced.compose,
             timings=produced.timings,
-            num_inference_steps=self.generator.settings(num_inference_steps).num_inference_steps,
+            num_inference_steps=settings.num_inference_steps,
             fragment_count=produced.fragment_count,
             per_shot_denoise_s=produced.shot_denoise_s,
             quality=produced.quality,

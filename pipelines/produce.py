@@ -32,7 +32,15 @@ from .embeddings import default_embedder
 from .generate import LatentGenerator
 from .quality import QualityReport, caption_regions, caption_relevance, score_file, with_caption_relevance
 from .render import StreamingRenderer
-from .types import FrameChunk, LatentChunk, ProductImage, StageTimings, Storyboard
+from .types import (
+    FrameChunk,
+    LatentChunk,
+    ProductImage,
+    SpeedProfileName,
+    StageTimings,
+    StepCacheMethod,
+    Storyboard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ class ProductionOrder:
     audio: Literal["bed", "none"] | Path = "bed"
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    speed_profile: SpeedProfileName | None = None  # None: the generator config's
+    step_cache: StepCacheMethod | None = None  # None: the speed profile's
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,8 @@ class LocalLatentSource:
                 request_id=order.request_id,
                 num_inference_steps=order.num_inference_steps,
                 guidance_scale=order.guidance_scale,
+                speed_profile=order.speed_profile,
+                step_cache=order.step_cache,
                 on_step=on_step,
                 start_shot=self.start_shot,
                 end_shot=self.end_shot,

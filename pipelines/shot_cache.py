@@ -95,8 +95,10 @@ def shot_key(
     num_frames: int,
     num_inference_steps: int,
     guidance_scale: float,
+    sampler: str = "",
 ) -> str:
-    """The content address of one shot's latents."""
+    """The content address of one shot's latents; ``sampler`` names a scheduler or step cache other
+    than the model's own (empty: the model's, so addresses made before speed profiles still hold)."""
     inputs = {
         "model": fingerprint,
         "prompt": prompt,
@@ -107,6 +109,8 @@ def shot_key(
         "steps": num_inference_steps,
         "guidance": round(float(guidance_scale), 6),
     }
+    if sampler:
+        inputs["sampler"] = sampler
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 

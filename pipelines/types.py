@@ -25,6 +25,10 @@ MAX_TITLE_CHARS = 120
 MAX_VARIANTS = 16  # shopper profiles (or segments) one variant fan-out may name
 MAX_INFERENCE_STEPS = 100  # denoising steps a request, a config or a preset may ask for
 MAX_GUIDANCE_SCALE = 20.0  # classifier-free guidance a request, a config or a preset may ask for
+# Named speed/fidelity trades a request, a config or a sales event may pick (pipelines/speed.py).
+SpeedProfileName = Literal["quality", "balanced", "fast"]
+# Step caches on the denoiser (pipelines/step_cache.py).
+StepCacheMethod = Literal["none", "first_block", "mag", "taylorseer", "pab", "sea"]
 MAX_CATEGORY_CHARS = 60
 MAX_ATTRIBUTES = 20
 MAX_ATTRIBUTE_KEY_CHARS = 40

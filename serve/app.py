@@ -153,6 +153,14 @@ def _compliance_findings(record: JobRecord) -> list[dict[str, Any]]:
         return []
 
 
+def _speed_profile(record: JobRecord) -> str | None:
+    """The speed profile the video was asked for (by the request or a sales event); None: the server's."""
+    try:
+        return json.loads(record.request)["job"]["options"].get("speed_profile")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _expired(record: JobRecord) -> bool:
     """Past ``expires_at``: answered as gone before the sweeper has deleted it."""
     return record.expires_at is not None and record.expires_at <= time.time()
@@ -342,6 +350,7 @@ class Ingress:
             "attempts": record.attempts,
             "compliance": _compliance_findings(record),
             "quality": record.quality,
+            "speed_profile": _speed_profile(record) or self.config.pipeline.generate.speed_profile,
         }
         headers = (
             {POLL_AFTER_HEADER: str(POLL_AFTER_MS)} if record.status in ("queued", "in_progress") else {}

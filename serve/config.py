@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shopreel.pipelines.config import PipelineConfig
+from shopreel.pipelines.types import SpeedProfileName
 
 JOBS_STORE_ENV = "SHOPREEL_JOBS_STORE"
 STAGES = ("planner", "generator", "renderer", "compositor", "ingress")
@@ -86,6 +87,11 @@ class SalesEvent(_Config):
         default_factory=dict,
         description="explicit replica floor per stage, instead of the multiplier (other stages keep it)",
     )
+    speed_profile: SpeedProfileName | None = Field(
+        default=None,
+        description="speed profile of videos accepted from start to end that name none (fast: fewer "
+        "steps and a step cache at the peak); None: the server's",
+    )
 
     @field_validator("start", "end")
     @classmethod
@@ -107,6 +113,10 @@ class SalesEvent(_Config):
 
     def raises_floors_at(self, now: datetime) -> bool:
         return self.start - timedelta(seconds=self.prewarm_s) <= now < self.end
+
+    def peaks_at(self, now: datetime) -> bool:
+        """Between start and end: the traffic peak itself (the prewarm before it is not)."""
+        return self.start <= now < self.end
 
     def floor(self, stage: str, min_replicas: int, max_replicas: int) -> int:
         """The stage's replica floor while this event raises floors, within [min, max] replicas."""

@@ -54,6 +54,8 @@ from shopreel.pipelines.types import (
     ShopperProfile,
     Shot,
     ShotKind,
+    SpeedProfileName,
+    StepCacheMethod,
     Storyboard,
 )
 from shopreel.pipelines.understand import build_planner, plan_variants
@@ -183,6 +185,8 @@ class GeneratorDeployment:
         guidance_scale: float | None = None,
         start_shot: int = 0,
         end_shot: int | None = None,
+        speed_profile: SpeedProfileName | None = None,
+        step_cache: StepCacheMethod | None = None,
     ) -> AsyncIterator[list[LatentChunk] | DenoiseStep]:
         """Denoise in a worker thread; hand its steps, and each shot's chunks as one message, to the
         caller as they happen.
@@ -195,6 +199,8 @@ class GeneratorDeployment:
             storyboard=storyboard,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            speed_profile=speed_profile,
+            step_cache=step_cache,
         )
         source = LocalLatentSource(
             self.generator,

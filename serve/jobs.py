@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeAlias, cast
 
 from pydantic import BaseModel, ValidationError
@@ -31,11 +34,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from shopreel.pipelines.produce import Fragment, Produced, ProductionOrder, ProductionProgress
-from shopreel.pipelines.types import Storyboard
+from shopreel.pipelines.types import SpeedProfileName, Storyboard
 from shopreel.pipelines.understand import variant_leaders
 
 from .auth import ANONYMOUS, Principal
-from .config import ServeConfig
+from .autoscaling import EVENTS_REFRESH_S
+from .config import SalesEvent, ServeConfig
 from .metrics import ServingMetrics
 from .protocol import APIError, AudioChoice, JobRequest, overloaded
 from .stage_clients import StageUnavailable, replica_lost
@@ -93,6 +97,8 @@ class ProductionRequest(BaseModel):
             audio=self.audio,
             num_inference_steps=options.num_inference_steps,
             guidance_scale=options.guidance_scale,
+            speed_profile=options.speed_profile,
+            step_cache=options.step_cache,
         )
 
 
@@ -162,6 +168,22 @@ def _class_of(kind: ProductionKind, priority: JobPriority) -> str:
 
 def _seconds_text(duration_s: float) -> str:
     return f"{duration_s:g}" if duration_s != int(duration_s) else str(int(duration_s))
+
+
+def peak_speed_profile(events: list[SalesEvent], now: datetime) -> SpeedProfileName | None:
+    """The speed profile of the first event at its peak now that names one, if any."""
+    for event in events:
+        if event.speed_profile is not None and event.peaks_at(now):
+            return event.speed_profile
+    return None
+
+
+def _with_speed_profile(job_request: JobRequest, profile: SpeedProfileName | None) -> JobRequest:
+    """A sales event's speed profile where the request names none (the request's own wins)."""
+    if profile is None or job_request.options.speed_profile is not None:
+        return job_request
+    options = dataclasses.replace(job_request.options, speed_profile=profile)
+    return job_request.model_copy(update={"options": options})
 
 
 def _with_tenant_policy(job_request: JobRequest, principal: Principal) -> JobRequest:
@@ -243,6 +265,8 @@ class JobService:
         # Productions whose end (completed or failed) is in the job record: their lease no longer
         # renews, and that is no reason to stop them while they finish (release slots, end streams).
         self.recorded: set[str] = set()
+        self._stored_events: list[SalesEvent] = []  # run-time sales events, as last read
+        self._events_read_at = -math.inf
         # Slot kinds the store refused lately, remembered for ``jobs.refusal_memory_s``.
         self._full: dict[str, Full] = {}  # by admission class
         # Recent drain rate per slot kind and when it was read: a burst of refusals reads it once.
@@ -288,6 +312,7 @@ class JobService:
         try:
             started = time.perf_counter()
             job_request = _with_tenant_policy(job_request, principal)
+            job_request = _with_speed_profile(job_request, await self._peak_speed_profile())
             storyboard = await self._planned(
                 self.planner.plan.remote(job_request.brief, job_request.profile, job_request.campaign)
             )
@@ -328,7 +353,11 @@ class JobService:
                 await self._admit(video_id, "job", priority, principal)
                 admitted.append(video_id)
             started = time.perf_counter()
-            requests = [_with_tenant_policy(request, principal) for request in job_requests]
+            profile = await self._peak_speed_profile()
+            requests = [
+                _with_speed_profile(_with_tenant_policy(request, principal), profile)
+                for request in job_requests
+            ]
             first = requests[0]
             profiles = [request.profile for request in requests]
             storyboards = await self._planned(
@@ -412,6 +441,17 @@ class JobService:
         if rate <= 0:
             return float(settings.retry_after_s)  # nothing finished lately: no rate to go by
         return min(MAX_RETRY_AFTER_S, max(1.0, waiting / rate))
+
+    async def _peak_speed_profile(self) -> SpeedProfileName | None:
+        """The speed profile a sales event at its peak gives videos that name none (events from the
+        config, and from the job store re-read at most every ``EVENTS_REFRESH_S``)."""
+        if time.monotonic() - self._events_read_at >= EVENTS_REFRESH_S:
+            self._events_read_at = time.monotonic()
+            try:
+                self._stored_events = await asyncio.to_thread(self.jobs.events)
+            except Exception:  # noqa: BLE001 - videos go on with the events known so far
+                logger.warning("reading sales events failed", exc_info=True)
+        return peak_speed_profile([*self.config.events, *self._stored_events], datetime.now(timezone.utc))
 
     async def _admit(
         self, video_id: str, kind: ProductionKind, priority: JobPriority, principal: Principal

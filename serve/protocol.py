@@ -47,6 +47,8 @@ from ..pipelines.types import (
     ProductBrief,
     ProductImage,
     ShopperProfile,
+    SpeedProfileName,
+    StepCacheMethod,
     VideoSize,
     describe_validation_error,
 )
@@ -138,6 +140,14 @@ def _default_error_type(status_code: int) -> str:
     return "server_error" if status_code >= 500 else "invalid_request_error"
 
 
+SPEED_PROFILE_DOC = (
+    "quality, balanced or fast: steps, scheduler and step cache (None: a sales event's, else the server's)"
+)
+STEP_CACHE_DOC = (
+    "none, first_block, mag, taylorseer, pab or sea: a step cache for this video (None: the profile's); "
+    "refused when it misses the server's fidelity floor"
+)
+
 _VALIDATION_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}
 
 
@@ -161,6 +171,8 @@ class VideoCreateRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    speed_profile: SpeedProfileName | None = Field(default=None, description=SPEED_PROFILE_DOC)
+    step_cache: StepCacheMethod | None = Field(default=None, description=STEP_CACHE_DOC)
 
     @field_validator("prompt")
     @classmethod
@@ -274,6 +286,8 @@ class GenerationOptions:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    speed_profile: SpeedProfileName | None = None
+    step_cache: StepCacheMethod | None = None
 
 
 class JobRequest(BaseModel):
@@ -298,6 +312,8 @@ class _ProductVideoFields(BaseModel):
     audio: AudioChoice = Field(default="bed", description="generated music bed, or silence")
     num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    speed_profile: SpeedProfileName | None = Field(default=None, description=SPEED_PROFILE_DOC)
+    step_cache: StepCacheMethod | None = Field(default=None, description=STEP_CACHE_DOC)
     priority: Literal["normal", "bulk"] = Field(
         default="normal",
         description="bulk (catalog pre-generation, jobs only): produced after normal jobs, refused first",
@@ -312,7 +328,10 @@ class _ProductVideoFields(BaseModel):
 
     def _job_request(self, profile: ShopperProfile | None) -> JobRequest:
         options = GenerationOptions(
-            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            speed_profile=self.speed_profile,
+            step_cache=self.step_cache,
         )
         return JobRequest(brief=self.brief, profile=profile, campaign=self.campaign, options=options)
 
@@ -431,6 +450,8 @@ def request_to_brief(req: VideoCreateRequest, default_fps: int) -> tuple[Product
         num_inference_steps=req.num_inference_steps,
         guidance_scale=req.guidance_scale,
         negative_prompt=req.negative_prompt,
+        speed_profile=req.speed_profile,
+        step_cache=req.step_cache,
     )
     return brief, options
 

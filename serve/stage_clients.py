@@ -273,6 +273,8 @@ class RemoteLatentSource:
                 order.guidance_scale,
                 start_shot=ledger.resume_shot,
                 end_shot=end_shot,
+                speed_profile=order.speed_profile,
+                step_cache=order.step_cache,
             )
             try:
                 async for item in stream:  # a step, or a shot's chunks (one message)

@@ -35,6 +35,10 @@ def _write(tmp_path: Path, data) -> Path:
         ({"title": "Shoe"}, ["--device", "tpu"], "invalid option"),
         ({"title": "Shoe"}, ["--renderer", "vulkan"], "backend: Input should be 'auto'"),
         ({"title": "Shoe"}, ["--renderer-precision", "int4"], "precision: Input should be 'fp32'"),
+        ({"title": "Shoe"}, ["--speed-profile", "turbo"], "speed_profile: Input should be 'quality'"),
+        ({"title": "Shoe"}, ["--step-cache", "faster"], "--step-cache faster: pick one of none"),
+        # A step cache the fidelity gate refuses (MagCache at 12 steps: about 23 dB on the tiny preset).
+        ({"title": "Shoe"}, ["--step-cache", "mag", "--steps", "12", "--size", "64x64"], "dB PSNR"),
     ],
 )
 def test_bad_input_is_a_message_and_exit_2(tmp_path, brief, args, message):

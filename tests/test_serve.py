@@ -233,6 +233,8 @@ def test_a_tutorial_brief_streams_a_video_with_one_shot_per_step(http, tmp_path)
         ({"prompt": "mug", "size": "100x100"}, 400, "size"),
         ({"prompt": "mug", "seconds": 120}, 400, "seconds"),
         ({"prompt": "mug", "num_inference_steps": 0}, 400, "num_inference_steps"),
+        ({"prompt": "mug", "speed_profile": "turbo"}, 400, "speed_profile"),
+        ({"prompt": "mug", "step_cache": "faster"}, 400, "step_cache"),
         ({"prompt": "mug", "surprise": 1}, 400, "surprise"),
         ({"prompt": "mug", "model": "sora-2"}, 404, "model"),
     ],
@@ -338,6 +340,59 @@ def test_variants_are_jobs_that_share_their_common_shots(http, tmp_path):
     assert probe(path).frames == reused["shopreel"]["num_frames"]
     refused = http.post("/v1/product-videos/variants", json={**body, "profiles": []})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "profiles"
+
+
+def _finished(http: httpx.Client, video_id: str, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = http.get(f"/v1/videos/{video_id}").json()
+        if record["status"] in ("completed", "failed"):
+            return record
+        time.sleep(0.5)
+    raise AssertionError(f"video {video_id} did not finish")
+
+
+def test_speed_profiles_and_step_caches_reach_the_generator(openai_client, http, server):
+    from datetime import datetime, timedelta, timezone
+
+    from shopreel.serve.autoscaling import EVENTS_REFRESH_S
+
+    _wait_idle(http)
+    # 1. The SDK sends the profile as an extra field; the video says which profile made it.
+    video = openai_client.videos.create_and_poll(
+        model=MODEL,
+        prompt="A steel water bottle.",
+        size="64x64",
+        poll_interval_ms=200,
+        extra_body={"speed_profile": "fast"},
+    )
+    assert video.status == "completed", video
+    assert http.get(f"/v1/videos/{video.id}").json()["shopreel"]["speed_profile"] == "fast"
+
+    # 2. A step cache the request asks for that misses the fidelity floor (30 dB; MagCache at 12 steps
+    #    makes the tiny model's frames about 23 dB) fails the job with the measured figures.
+    body = {"brief": FOUR_SHOT_BRIEF, "audio": "none", "num_inference_steps": 12, "step_cache": "mag"}
+    job = http.post("/v1/product-videos", json=body).json()
+    failed = _finished(http, job["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request", failed
+    assert re.search(r"mag\(.*\): \d+\.\d dB PSNR, latent error", failed["error"]["message"]), failed
+
+    # 3. A sales event at its peak gives its profile to videos that name none; a request's own wins.
+    now = datetime.now(timezone.utc)
+    event = {"name": "flash-sale", "start": (now - timedelta(minutes=1)).isoformat(), "speed_profile": "fast"}
+    event["end"] = (now + timedelta(hours=1)).isoformat()
+    admin = _bearer("ops")
+    assert http.post("/admin/events", json=event, headers=admin).status_code == 200
+    try:
+        time.sleep(EVENTS_REFRESH_S + 0.5)  # the job service re-reads stored events this often
+        plain = http.post("/v1/product-videos", json={"brief": FOUR_SHOT_BRIEF, "audio": "none"}).json()
+        own = http.post(
+            "/v1/product-videos", json={"brief": FOUR_SHOT_BRIEF, "audio": "none", "speed_profile": "quality"}
+        ).json()
+        profiles = [_finished(http, made["id"])["shopreel"]["speed_profile"] for made in (plain, own)]
+        assert profiles == ["fast", "quality"]
+    finally:
+        http.delete("/admin/events/flash-sale", headers=admin)
 
 
 def test_metrics_expose_the_named_series(http):
