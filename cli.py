@@ -465,7 +465,7 @@ def quantize(
         raise _fail(str(exc)) from None
 
     from .pipelines.calibrate import calibration_set
-    from .pipelines.render_onnx import quantize_int8
+    from .pipelines.render.int8 import quantize_int8
 
     video_size = video_size or model.preset.default_size
     console.print(f"calibrating on {len(loaded)} briefs x {seeds} seeds at {video_size} ...", highlight=False)

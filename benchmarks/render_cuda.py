@@ -4,7 +4,7 @@ experimental: no published figures for that row yet).
 
     python -m shopreel.benchmarks.render_cuda [--latent-frames 21] [--size 832x480] [--compile] [--tensorrt]
 
---tensorrt adds a TensorRT fp16 row (``pipelines/render_tensorrt.py``, experimental: not covered by
+--tensorrt adds a TensorRT fp16 row (``pipelines/render/tensorrt_backend.py``, experimental: not covered by
 CI; needs TensorRT installed).
 
 The VAE has Wan 2.1's own configuration (base_dim 96, dim_mult [1, 2, 4, 4]) with seeded random
@@ -99,10 +99,10 @@ def run(latent_frames: int, width: int, height: int, compile: bool = False, tens
                 reference = video
             label = dtype_name + (" + torch.compile" if compiled else "")
             rows.append(_row(label, warm_up_s, video, first, total, peak, reference))
-    if tensorrt:  # experimental backend: see pipelines/render_tensorrt.py
+    if tensorrt:  # experimental backend: see pipelines/render/tensorrt_backend.py
         import tempfile
 
-        from shopreel.pipelines.render_tensorrt import TensorRTDecoderBackend
+        from shopreel.pipelines.render.tensorrt_backend import TensorRTDecoderBackend
 
         with tempfile.TemporaryDirectory() as cache, torch.no_grad():
             warm_started = time.perf_counter()  # export, engine build, fidelity check, first shot

@@ -106,7 +106,8 @@ def measure_row(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from shopreel.pipelines.render import TorchDecoderBackend
-    from shopreel.pipelines.render_onnx import OnnxDecoderBackend, decode_clip, psnr_db
+    from shopreel.pipelines.render.fidelity import decode_clip, psnr_db
+    from shopreel.pipelines.render.onnxruntime_backend import OnnxDecoderBackend
 
     torch.set_num_threads(spec["threads"])
     clip = torch.load(spec["clip"])
@@ -164,7 +165,7 @@ def run(frames: int, repeats: int) -> dict[str, Any]:
 
     from shopreel.pipelines.config import ModelConfig
     from shopreel.pipelines.presets import load_model
-    from shopreel.pipelines.render_onnx import quantize_int8
+    from shopreel.pipelines.render.int8 import quantize_int8
 
     model = load_model(ModelConfig(device="cpu"))
     cases = [("tiny", 128), ("tiny", 256), ("mid-10M", 128)]

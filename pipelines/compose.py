@@ -131,27 +131,14 @@ class CompositionSession:
         self.width, self.height, self.fps = storyboard.width, storyboard.height, storyboard.fps
         self.total_frames = storyboard.total_frames
 
-        sample_rate = config.audio_sample_rate
-        duration_s = self.total_frames / self.fps
-        self.audio: np.ndarray | None
-        if audio == "none":
-            self.audio = None
-        elif audio == "bed":
-            self.audio = background_bed(duration_s, sample_rate, seed=seed, peak=config.music_volume)
-        elif isinstance(audio, Path):
-            self.audio = load_audio_file(audio, duration_s, sample_rate)
-        else:
-            raise ValueError(f"audio must be 'bed', 'none' or a file path, got {audio!r}")
-        if storyboard.narration:  # the captions spoken over the (ducked) soundtrack, or alone
-            num_samples = max(1, round(duration_s * sample_rate))
-            self.audio, _ = mix_narration(
-                self.audio, storyboard, num_samples, sample_rate, AUDIO_CHANNELS, config.narration
-            )
+        # 1. The whole soundtrack up front, so a bad audio file fails before any frame is encoded.
+        self.audio = _soundtrack(storyboard, config, audio, seed)
 
+        # 2. Each shot's overlay, painted once (the font is checked here too).
         painter = OverlayPainter(storyboard, product_images, config.font_path)
         self.overlays: list[Overlay | None] = [painter.shot_overlay(shot) for shot in storyboard.shots]
 
-        # Where the stream stands: next expected (shot, frame) and frames held back for a crossfade.
+        # 3. Where the stream stands: next expected (shot, frame) and frames held back for a crossfade.
         self.shot_index = 0
         self.next_frame = 0
         self.fade_in: np.ndarray | None = None  # previous shot's tail, blended into this shot's head
@@ -163,6 +150,7 @@ class CompositionSession:
         self.finished = False
         self.closed = False
 
+        # 4. The fragmented-MP4 muxer: H.264 at a fixed GOP, plus AAC when there is a soundtrack.
         self.sink = _FragmentSink()
         self.container: Any = av.open(
             self.sink,
@@ -189,7 +177,9 @@ class CompositionSession:
         self.video.pix_fmt = "yuv420p"
         self.audio_stream: Any = None
         if self.audio is not None:
-            self.audio_stream = self.container.add_stream("aac", rate=sample_rate, layout="stereo")
+            self.audio_stream = self.container.add_stream(
+                "aac", rate=config.audio_sample_rate, layout="stereo"
+            )
             self.audio_stream.bit_rate = config.audio_bitrate
         self.encode_s = time.perf_counter() - started
 
@@ -386,6 +376,30 @@ class CompositionSession:
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
             raise
+
+
+def _soundtrack(
+    storyboard: Storyboard, config: ComposeConfig, audio: AudioSource, seed: int
+) -> np.ndarray | None:
+    """The video's whole soundtrack: the music bed, the given file or none; a narrated storyboard's
+    captions are spoken over it (ducked), or alone."""
+    sample_rate = config.audio_sample_rate
+    duration_s = storyboard.total_frames / storyboard.fps
+    track: np.ndarray | None
+    if audio == "none":
+        track = None
+    elif audio == "bed":
+        track = background_bed(duration_s, sample_rate, seed=seed, peak=config.music_volume)
+    elif isinstance(audio, Path):
+        track = load_audio_file(audio, duration_s, sample_rate)
+    else:
+        raise ValueError(f"audio must be 'bed', 'none' or a file path, got {audio!r}")
+    if storyboard.narration:
+        num_samples = max(1, round(duration_s * sample_rate))
+        track, _ = mix_narration(
+            track, storyboard, num_samples, sample_rate, AUDIO_CHANNELS, config.narration
+        )
+    return track
 
 
 def _yuv420_video_frame(planes: Yuv420Frames, index: int) -> Any:

@@ -212,9 +212,9 @@ class ProductVideoPipeline:
     ) -> VideoResult:
         """Generate, render and compose a planned storyboard (the production driver on local stages)."""
         started = time.perf_counter() if started is None else started
-        # Check everything before any model work, so bad input costs nothing.
+        # 1. Check everything before any model work, so bad input costs nothing; a step cache this
+        #    call asks for is measured by the fidelity gate now (refused below its floor).
         self.generator.check_inputs(storyboard, num_inference_steps)
-        # A step cache this call asks for is measured by the fidelity gate now (refused below its floor).
         settings = self.generator.gated(
             self.generator.settings(num_inference_steps, None, speed_profile, step_cache)
         )
@@ -229,6 +229,8 @@ class ProductVideoPipeline:
             step_cache=step_cache,
         )
 
+        # 2. Drive the production on this process's stages, handing fragments and progress to the
+        #    callbacks as they come.
         async def drive() -> Produced:
             events = produce(
                 order,
@@ -252,6 +254,8 @@ class ProductVideoPipeline:
             raise RuntimeError("the production ended without a video")  # produce() always ends with one
 
         produced = asyncio.run(drive())
+
+        # 3. The video and where its time went.
         return VideoResult(
             request_id=order.request_id,
             storyboard=storyboard,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .config import StepCacheConfig
+from .render.fidelity import psnr_db
 
 # Product-like prompts the gate measures a setting on (the model's own default size and seeds 1..n).
 CALIBRATION_PROMPTS = (
@@ -95,12 +96,6 @@ def describe_setting(config: StepCacheConfig) -> str:
         return config.method
     values = ",".join(f"{name.removeprefix(config.method + '_')}={getattr(config, name)}" for name in fields)
     return f"{config.method}({values})"
-
-
-def psnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """PSNR of videos in [-1, 1] (peak-to-peak 2)."""
-    mse = float(((reference.float().cpu() - other.float().cpu()) ** 2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(4.0 / mse)
 
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:

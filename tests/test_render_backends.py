@@ -11,14 +11,11 @@ import torch
 
 from shopreel.pipelines.config import RenderConfig
 from shopreel.pipelines.render import StreamingRenderer, TorchDecoderBackend, build_backend
-from shopreel.pipelines.render_onnx import (
-    OnnxDecoderBackend,
-    cache_key,
-    decode_clip,
-    psnr_db,
-    quantize_int8,
-    weights_digest,
-)
+from shopreel.pipelines.render.export import cache_key
+from shopreel.pipelines.render.fidelity import decode_clip, psnr_db
+from shopreel.pipelines.render.int8 import quantize_int8
+from shopreel.pipelines.render.onnxruntime_backend import OnnxDecoderBackend
+from shopreel.pipelines.shot_cache import weights_digest
 from shopreel.pipelines.types import LatentChunk
 
 pytest.importorskip("onnxruntime")
@@ -225,7 +222,7 @@ def test_cache_key_is_the_same_in_another_process(tiny_model):
     script = (
         "from shopreel.pipelines.config import ModelConfig\n"
         "from shopreel.pipelines.presets import load_vae\n"
-        "from shopreel.pipelines.render_onnx import weights_digest\n"
+        "from shopreel.pipelines.shot_cache import weights_digest\n"
         "print(weights_digest(load_vae(ModelConfig(device='cpu'))[0]))\n"
     )
     digests = {
@@ -241,7 +238,7 @@ def test_every_latent_frame_runs_in_onnxruntime_once_built(tiny_model, monkeypat
     """Frames 0 and 1 have their own graphs: after the one-time build and check, torch never runs."""
     backend = OnnxDecoderBackend(tiny_model.vae, tiny_model.device)
     expected = decode_clip(TorchDecoderBackend(tiny_model.vae, tiny_model.device), _latents(frames=5, seed=9))
-    backend.graphs_for((16, 16))
+    backend.chains.for_size((16, 16))
 
     def no_torch(*args, **kwargs):
         raise AssertionError("the torch reference ran while serving")
@@ -250,7 +247,7 @@ def test_every_latent_frame_runs_in_onnxruntime_once_built(tiny_model, monkeypat
     got = decode_clip(backend, _latents(frames=5, seed=9))
     assert got.shape == expected.shape == (1, 3, 17, 128, 128)
     assert (got - expected).abs().max() < 1e-4
-    assert backend.check_psnr_db[(16, 16)] > 100  # fp32 graphs: float rounding only
+    assert backend.chains.check_psnr_db[(16, 16)] > 100  # fp32 graphs: float rounding only
 
 
 @pytest.mark.gpu
@@ -271,3 +268,42 @@ def test_tensorrt_equals_the_reference_on_cuda(tiny_model, tmp_path, precision):
     assert got.shape == expected.shape
     assert psnr_db(torch.from_numpy(expected) / 127.5 - 1, torch.from_numpy(got) / 127.5 - 1) >= 35.0
     assert len(list(tmp_path.glob("*.engine"))) == 3  # first, second, steady
+
+
+def test_tensorrt_engine_io_follows_the_exported_graph_order():
+    """Step k's outputs feed step k+1's inputs by position, so engine I/O is put in the graph's order
+    (latents/video, then caches by slot number), not in the order the engine lists it."""
+    from types import SimpleNamespace
+
+    from shopreel.pipelines.render.tensorrt_backend import _EngineStep
+
+    class Engine:  # the TensorRT 10 engine calls _EngineStep makes
+        names = ["next_cache_12", "cache_12", "video", "latents", "cache_7", "next_cache_7"]
+        num_io_tensors = len(names)
+
+        def __init__(self, dtype="fp32"):
+            self.dtype = dtype
+
+        def get_tensor_name(self, index):
+            return self.names[index]
+
+        def get_tensor_mode(self, name):
+            return "input" if name == "latents" or name.startswith("cache") else "output"
+
+        def get_tensor_dtype(self, name):
+            return self.dtype
+
+        def get_tensor_shape(self, name):
+            return (1, 2)
+
+        def create_execution_context(self):
+            return object()
+
+    trt = SimpleNamespace(
+        TensorIOMode=SimpleNamespace(INPUT="input", OUTPUT="output"), DataType=SimpleNamespace(FLOAT="fp32")
+    )
+    step = _EngineStep(trt, Engine(), torch.device("cuda"))
+    assert step.inputs == ["latents", "cache_7", "cache_12"]
+    assert step.outputs == ["video", "next_cache_7", "next_cache_12"]
+    with pytest.raises(ValueError, match="stay fp32"):
+        _EngineStep(trt, Engine(dtype="fp16"), torch.device("cuda"))
