@@ -151,6 +151,10 @@ def test_video_survives_a_renderer_replica_killed_mid_chunk(http, reference):
 
 def test_video_survives_the_generator_replica_killed_mid_stream(http, reference):
     """The stream is re-issued from the first shot not fully received, on the replacement replica."""
+    # A renderer replica that replaced a killed one builds its decoder graphs for this size on its
+    # first video; until it has, the generator can finish every shot before the first bytes arrive,
+    # leaving nothing to kill it in. One video first warms it.
+    _stream_video(http)
     _survives(http, reference, "generator", "generate_restarts")
 
 

@@ -166,11 +166,14 @@ class FakeGenerator:
     def options(self, **_: Any) -> FakeGenerator:
         return self
 
-    def _generate(self, *args: Any, start_shot: int = 0, end_shot: int | None = None) -> _Stream:
+    def _generate(
+        self, *args: Any, start_shot: int = 0, end_shot: int | None = None, **options: Any
+    ) -> _Stream:
         self.start_shots.append(start_shot)
         self.ranges.append((start_shot, end_shot))
         die = self.die_after.pop(0) if self.die_after else None
-        return _Stream(self.replica.generate(*args, start_shot=start_shot, end_shot=end_shot), die)
+        stream = self.replica.generate(*args, start_shot=start_shot, end_shot=end_shot, **options)
+        return _Stream(stream, die)
 
 
 class FakeRenderer:

@@ -11,6 +11,7 @@ class DecoderBackend(Protocol):
     """Decodes latent frames of one shot in order; the caller owns the per-shot state."""
 
     name: str
+    vae: torch.nn.Module  # the VAE (diffusers AutoencoderKLWan) whose decoder this backend runs
 
     def new_state(self) -> object: ...
 

@@ -121,6 +121,7 @@ class OnnxDecoderBackend:
             raise ValueError(f"renderer backend 'onnxruntime' cannot run here: {unusable}")
         if precision not in ("fp32", "int8"):
             raise ValueError(f"onnxruntime renderer supports precision fp32 or int8, not {precision!r}")
+        self.vae = vae
         self.device = device
         self.precision = precision
         self.min_psnr_db = min_psnr_db

@@ -143,6 +143,7 @@ class TensorRTDecoderBackend:
             raise ValueError(f"the tensorrt renderer needs a CUDA device, the VAE is on {device}")
         if getattr(vae.config, "patch_size", None) is not None:
             raise ValueError("the tensorrt renderer does not export patchified VAEs (Wan 2.2) yet")
+        self.vae = vae
         self.device = device
         self.precision = precision  # the engines'; the ONNX graphs they are built from are fp32
         self.graphs = GraphCache(vae, cache_dir)
