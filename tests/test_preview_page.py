@@ -133,9 +133,16 @@ def browser():
 
 
 def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.2):
+    """``condition()``'s first truthy result; an element the page re-rendered meanwhile (the job list
+    refreshes itself) counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        result = condition()
+        try:
+            result = condition()
+        except StaleElementReferenceException:
+            result = None
         if result:
             return result
         time.sleep(poll_s)
@@ -232,21 +239,26 @@ def test_the_page_plays_the_stream_while_the_video_is_still_generated(server, br
 
     # (b) The finished video in the job list: completed, its quality report, its thumbnail loaded.
     row_css = f"tr[data-video-id='{video_id}'][data-status='completed']"
-    row = _wait(
-        lambda: (
-            (rows := driver.find_elements("css selector", row_css))
-            and "SSIM" in rows[0].find_element("css selector", "td.quality").text
-            and rows[0]
-        ),
-        60,
-        "the completed video with its quality in the job list",
-    )
-    assert "completed" in row.find_element("css selector", "td.status").text
-    assert "mode: showcase" in row.text and "Thermo Mug" in row.text
-    assert row.find_element("css selector", "img.thumb").get_attribute("src").startswith("blob:")
+
+    def completed_row() -> dict | None:  # read in one go: the list may re-render the row between reads
+        rows = driver.find_elements("css selector", row_css)
+        if not rows or "SSIM" not in rows[0].find_element("css selector", "td.quality").text:
+            return None
+        row = rows[0]
+        return {
+            "status": row.find_element("css selector", "td.status").text,
+            "text": row.text,
+            "thumb": row.find_element("css selector", "img.thumb").get_attribute("src"),
+            "buttons": [b.text for b in row.find_elements("css selector", "button")],
+        }
+
+    row = _wait(completed_row, 60, "the completed video with its quality in the job list")
+    assert "completed" in row["status"]
+    assert "mode: showcase" in row["text"] and "Thermo Mug" in row["text"]
+    assert row["thumb"].startswith("blob:")
     thumbnail_width = "return document.querySelector(arguments[0]).naturalWidth"
     assert driver.execute_script(thumbnail_width, f"{row_css} img") > 0
-    assert [b.text for b in row.find_elements("css selector", "button")] == ["Download", "Delete"]
+    assert row["buttons"] == ["Download", "Delete"]
 
     # (d) A screenshot of the page as it is now.
     shot = tmp_path / "preview_page.png"
@@ -258,7 +270,8 @@ def test_the_page_plays_the_stream_while_the_video_is_still_generated(server, br
     print(f"screenshot: {shot}")
 
     # The Delete button removes it (DELETE /v1/videos/{id} with the key) and the list follows.
-    row.find_element("xpath", ".//button[text()='Delete']").click()
+    delete = f"{row_css} button:nth-of-type(2)"
+    _wait(lambda: driver.find_element("css selector", delete).click() or True, 10, "the Delete button")
     listed = f"tr[data-video-id='{video_id}']"
     _wait(lambda: not driver.find_elements("css selector", listed), 30, "the deleted video to leave the list")
 
