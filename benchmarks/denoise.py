@@ -1,4 +1,4 @@
-"""Faster denoising (issue 14): seconds per step at the Wan 2.1 1.3B transformer shape, and seconds per
+"""Faster denoising: seconds per step at the Wan 2.1 1.3B transformer shape, and seconds per
 video on the tiny preset, per step cache, compile and speed profile, with the fidelity of each.
 
     .venv/bin/python -m shopreel.benchmarks.denoise [--parts shape video] [--repeats 3]
@@ -606,7 +606,7 @@ def _psnr(value: float | None, present: bool) -> str:
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [
-        "# Denoising speed: step caches, compile and speed profiles (issue 14)",
+        "# Denoising speed: step caches, compile and speed profiles",
         "",
         f"{machine['platform']}, {machine['device']}, {machine['threads']} threads, "
         f"torch {machine['torch']}, diffusers {machine['diffusers']}; {report['at']}; "

@@ -554,24 +554,11 @@ class LatentGenerator:
         """MagCache's per-step ratios for this model, scheduler and step count: measured once."""
         with self._mag_lock:
             if (scheduler, steps) not in self._mag_ratios:
-                transformer = weight_sharing_copy(self._base_transformer)  # never hook a shared module
-                pipe = self._pipe_for_one_call(scheduler)
-                pipe.transformer = transformer
+                view = TransformerView.of(self._base_transformer)  # never hook a shared module
                 key = self._calibration_key(scheduler, steps, self.config.step_cache.calibration_frames)
-                height, width, frames, _, guidance, _, _ = key
-                passes = 2 if guidance > 1.0 else 1
-                with record_mag_ratios(transformer, passes) as ratios, torch.inference_mode():
-                    pipe(
-                        prompt=CALIBRATION_PROMPTS[0],
-                        height=height,
-                        width=width,
-                        num_frames=frames,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        generator=torch.Generator(device=self.model.device).manual_seed(1),
-                        output_type="latent",
-                        max_sequence_length=self.model.preset.max_sequence_length,
-                    )
+                passes = 2 if key[4] > 1.0 else 1  # guidance on: a conditional and an unconditional pass
+                with record_mag_ratios(view.transformer, passes) as ratios, torch.inference_mode():
+                    self._run_pipeline([CALIBRATION_PROMPTS[0]], [""], [1], key, view=view)
                 self._mag_ratios[(scheduler, steps)] = list(ratios)
             return self._mag_ratios[(scheduler, steps)]
 
