@@ -88,6 +88,9 @@ def generate(
     campaign: Annotated[Path | None, typer.Option(help="campaign JSON (e.g. 11.11)")] = None,
     audio: Annotated[str, typer.Option(help="'bed' (generated music), 'none', or an audio file")] = "bed",
     thumbnail: Annotated[Path | None, typer.Option(help="JPEG thumbnail to write")] = None,
+    min_height: Annotated[
+        int, typer.Option(help="enlarge smaller frames (whole factor) before captions, e.g. 192 for mini")
+    ] = 0,
     storyboard_out: Annotated[Path | None, typer.Option(help="also write the storyboard JSON here")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
@@ -110,6 +113,7 @@ def generate(
     """Make a product video from a brief, in this process (no cluster needed)."""
     from .pipelines.config import (
         CompileConfig,
+        ComposeConfig,
         GenerateConfig,
         ModelConfig,
         PipelineConfig,
@@ -149,6 +153,7 @@ def generate(
                 ),
                 planner=PlannerConfig(kind=planner, llm_path=llm_path),  # type: ignore[arg-type]
                 render=RenderConfig(backend=renderer, precision=renderer_precision),  # type: ignore[arg-type]
+                compose=ComposeConfig(min_height=min_height),
             )
         except ValidationError as exc:
             raise UserError("invalid option: " + "; ".join(describe_validation_error(exc))) from exc
@@ -943,6 +948,55 @@ def export_tiny(directory: Annotated[Path, typer.Argument(help="directory to wri
         raise _fail(f"{directory} exists and is not empty")
     export_tiny_checkpoint(directory)
     typer.echo(f"wrote {directory}")
+
+
+@app.command("train-mini")
+def train_mini(
+    output: Annotated[Path, typer.Option("--output", "-o", help="checkpoint directory to write")] = Path(
+        "mini-checkpoint"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="TrainMiniConfig as JSON (default: the shipped mini's)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for weights, data, noise and captions")] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE optimiser steps")] = None,
+    denoiser_steps: Annotated[int | None, typer.Option(help="transformer + text encoder steps")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (0: all cores)")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="continue this checkpoint's denoiser (its VAE is kept)")
+    ] = None,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="a few steps of every phase (checks the script)")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Train the mini video model on procedural product clips (about an hour on 2 CPU cores)."""
+    from .train.mini import TrainMiniConfig, train
+
+    if output.exists() and any(output.iterdir()):
+        raise _fail(f"{output} exists and is not empty: pick a new --output")
+    try:
+        base = _load_model(TrainMiniConfig, config, "training config") if config else None
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    settings = base or (TrainMiniConfig.smoke() if smoke else TrainMiniConfig())
+    overrides = {
+        "seed": seed,
+        "vae_steps": vae_steps,
+        "denoiser_steps": denoiser_steps,
+        "threads": threads,
+        "init_from": init_from,
+    }
+    try:
+        settings = TrainMiniConfig.model_validate(
+            {**settings.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        raise _fail(f"bad training option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    if settings.init_from is not None and not (settings.init_from / "model_index.json").is_file():
+        raise _fail(f"init_from {settings.init_from} is not a diffusers checkpoint (no model_index.json)")
+    train(settings, output, progress=not quiet)
+    typer.echo(f"wrote {output} (load it with --preset {output})")
 
 
 def main() -> None:

@@ -128,14 +128,18 @@ class CompositionSession:
         self.storyboard = storyboard
         self.config = config
         self.request_id = request_id
-        self.width, self.height, self.fps = storyboard.width, storyboard.height, storyboard.fps
-        self.total_frames = storyboard.total_frames
+        self.fps, self.total_frames = storyboard.fps, storyboard.total_frames
+        # Small models (mini: 64x64) are enlarged so captions and the label do not cover the picture.
+        self.scale = enlargement(storyboard.height, config.min_height)
+        self.width, self.height = storyboard.width * self.scale, storyboard.height * self.scale
 
         # 1. The whole soundtrack up front, so a bad audio file fails before any frame is encoded.
         self.audio = _soundtrack(storyboard, config, audio, seed)
 
         # 2. Each shot's overlay, painted once (the font is checked here too).
-        painter = OverlayPainter(storyboard, product_images, config.font_path)
+        # The storyboard at the output's size: what overlays are painted for and the scorer reads.
+        self.canvas = storyboard.model_copy(update={"width": self.width, "height": self.height})
+        painter = OverlayPainter(self.canvas, product_images, config.font_path)
         self.overlays: list[Overlay | None] = [painter.shot_overlay(shot) for shot in storyboard.shots]
 
         # 3. Where the stream stands: next expected (shot, frame) and frames held back for a crossfade.
@@ -190,7 +194,7 @@ class CompositionSession:
         started = time.perf_counter()
         self._check_chunk(chunk)
         shot = self.storyboard.shots[chunk.shot_index]
-        frames = chunk.frames.copy()
+        frames = _enlarge(chunk.frames, self.scale)
         overlay = self.overlays[chunk.shot_index]
         if overlay is not None:
             overlay.apply(frames)
@@ -288,10 +292,11 @@ class CompositionSession:
             raise ValueError(
                 f"shot {shot.index} has {shot.num_frames} frames, chunk ends at {chunk.frame_end}"
             )
-        if chunk.frames.shape[1:3] != (self.height, self.width):
+        expected = (self.storyboard.height, self.storyboard.width)
+        if chunk.frames.shape[1:3] != expected:
             raise ValueError(
                 f"frames are {chunk.frames.shape[2]}x{chunk.frames.shape[1]}, "
-                f"the storyboard is {self.width}x{self.height}"
+                f"the storyboard is {expected[1]}x{expected[0]}"
             )
 
     def _encode(self, frames: np.ndarray) -> None:
@@ -411,6 +416,23 @@ def _yuv420_video_frame(planes: Yuv420Frames, index: int) -> Any:
         rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
         rows[:, : plane.width] = data
     return video_frame
+
+
+def enlargement(height: int, min_height: int) -> int:
+    """The whole factor that brings ``height`` to at least ``min_height`` (1: leave it)."""
+    return max(1, -(-min_height // height))
+
+
+def _enlarge(frames: np.ndarray, scale: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, H*scale, W*scale, 3), bicubic; a copy either way (overlays paint on it)."""
+    if scale == 1:
+        return frames.copy()
+    from PIL import Image
+
+    height, width = frames.shape[1] * scale, frames.shape[2] * scale
+    return np.stack(
+        [np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC)) for f in frames]
+    )
 
 
 def _write_thumbnail(frame: np.ndarray, path: Path) -> None:

@@ -282,6 +282,12 @@ class ComposeConfig(_Config):
         default="encoder",
         description="RGB -> yuv420p by FFmpeg's swscale, or by kernels.yuv420 (same bytes; slower on CPU)",
     )
+    min_height: int = Field(
+        default=0,
+        ge=0,
+        le=1080,
+        description="smaller frames are enlarged by a whole factor (bicubic) before overlays; 0: never",
+    )
 
 
 class ComplianceConfig(_Config):

@@ -5,14 +5,17 @@
 CPU. Its frames are noise-like because the weights are untrained; it exists so that every stage, the
 tests and CI run the same code path as a real checkpoint. A real checkpoint (e.g.
 Wan2.1-T2V-1.3B-Diffusers) is a local directory passed as ``ModelConfig.preset``; it is loaded with
-``from_pretrained(local_files_only=True)`` into the same pipeline class.
+``from_pretrained(local_files_only=True)`` into the same pipeline class. ``mini`` is such a
+checkpoint, trained in this repository on procedural product clips (``shopreel train-mini``) and
+shipped in ``models/mini/``: 64x64, it draws a product on the backdrop its prompt names and partly
+follows the product's colour (``benchmarks/prompt_following.py`` measures how well).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +184,8 @@ TINY = Preset(
     untrained=True,
 )
 
-PRESETS: dict[str, Preset] = {TINY.name: TINY}
+# The trained mini model ships inside the package as a diffusers checkpoint directory.
+MINI_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "mini"
 
 
 # Optional file in a checkpoint directory with serving defaults that differ from Wan 2.1 480p.
@@ -220,6 +224,19 @@ def wan_checkpoint_preset(path: Path) -> Preset:
         **defaults.model_dump(exclude={"default_size"}),
         default_size=defaults.default_size,
     )
+
+
+def _mini_preset() -> Preset:
+    """``mini``: trained in this repository (train/mini.py), loaded like any Wan checkpoint."""
+    checkpoint = wan_checkpoint_preset(MINI_CHECKPOINT)
+    return replace(
+        checkpoint,
+        name="mini",
+        description="Wan 2.1 classes trained here on synthetic product clips (64x64, backdrop, some colour)",
+    )
+
+
+PRESETS: dict[str, Preset] = {TINY.name: TINY, "mini": _mini_preset()}
 
 
 def export_tiny_checkpoint(path: Path) -> Path:

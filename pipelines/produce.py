@@ -394,7 +394,7 @@ async def produce(
         if quality is not None and quality.enabled and mp4_path is not None:
             scored_at = time.perf_counter()
             font_path = compositor.config.font_path
-            report = await asyncio.to_thread(score_video, mp4_path, storyboard, font_path, quality)
+            report = await asyncio.to_thread(score_video, mp4_path, session.canvas, font_path, quality)
             timings.quality_s = time.perf_counter() - scored_at
         timings.compose_s = result.encode_s
         timings.render_retries = renderer.retries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import wave
 from pathlib import Path
@@ -105,6 +106,33 @@ def test_caption_pixels_are_drawn_in_the_bottom_band(tmp_path):
     assert np.abs(plain[2:12, 70:126] - 128).mean() > 20
 
 
+def test_small_frames_are_enlarged_before_the_overlays(tmp_path):
+    """min_height: a 64x64 model's frames become 192x192 (x3), captions painted at that size."""
+    from shopreel.pipelines.compose import enlargement
+    from shopreel.pipelines.quality import caption_regions
+
+    assert [enlargement(64, m) for m in (0, 64, 65, 128, 180, 256)] == [1, 1, 2, 2, 3, 4]
+    storyboard = make_storyboard(shot_frames=(9, 9), width=64, height=64, fps=8, crossfade=2)
+    # A left/right split picture: enlarging must keep where things are, not just the size.
+    frames = np.zeros((9, 64, 64, 3), np.uint8)
+    frames[:, :, :32] = (200, 30, 30)
+    frames[:, :, 32:] = (30, 30, 200)
+    session = Compositor(ComposeConfig(min_height=180)).open(storyboard, request_id="r1", audio="none")
+    assert (session.canvas.width, session.canvas.height) == (192, 192)
+    for chunk in frame_chunks(storyboard):
+        session.push(dataclasses.replace(chunk, frames=frames[chunk.frame_start : chunk.frame_end]))
+    _, result = session.finish(tmp_path / "out.mp4", tmp_path / "out.jpg")
+    assert (result.width, result.height) == (192, 192)
+    video = decode_frames(tmp_path / "out.mp4")
+    assert video.shape[1:3] == (192, 192)
+    middle = video[4, 80:110].astype(int)
+    assert np.abs(middle[:, 10:80] - (200, 30, 30)).mean() < 12
+    assert np.abs(middle[:, 112:182] - (30, 30, 200)).mean() < 12
+    # The caption band is painted for 192 rows (its box lies in the bottom of the larger frame).
+    box = caption_regions(session.canvas)[0].box
+    assert box[3] > 150 and box[3] <= 192
+
+
 def test_chinese_caption_uses_real_glyphs():
     font = load_font(str(default_font_path()), 32, NOTO_SC_FACE_INDEX)
     masks = {ch: bytes(font.getmask(ch)) for ch in "限时特惠"}
@@ -114,15 +142,22 @@ def test_chinese_caption_uses_real_glyphs():
 
 
 def test_zh_storyboard_composes(tmp_path):
-    storyboard = make_storyboard(shot_frames=(9, 9), language="zh", price_text="¥299", cta_text="立即抢购",
-                                 aigc_label="AI生成", badge_text="11.11")
+    storyboard = make_storyboard(
+        shot_frames=(9, 9),
+        language="zh",
+        price_text="¥299",
+        cta_text="立即抢购",
+        aigc_label="AI生成",
+        badge_text="11.11",
+    )
     _, _, result = compose(storyboard, tmp_path)
     assert probe(tmp_path / "out.mp4").frames == result.num_frames == 18
 
 
 def test_crossfade_blends_the_two_shots(tmp_path):
-    storyboard = make_storyboard(shot_frames=(13, 13), width=64, height=64, fps=8, crossfade=4,
-                                 price_text=None, cta_text="")
+    storyboard = make_storyboard(
+        shot_frames=(13, 13), width=64, height=64, fps=8, crossfade=4, price_text=None, cta_text=""
+    )
     storyboard = storyboard.model_copy(
         update={"shots": [s.model_copy(update={"caption": ""}) for s in storyboard.shots]}
     )

@@ -28,6 +28,13 @@ def test_pipelines_and_kernels_never_import_ray_or_serve():
     assert "from ..serve" not in source
 
 
+def test_training_code_never_imports_ray_or_serve():
+    """train/ builds models from pipelines/ classes; it runs anywhere the stages run in process."""
+    imported = _imported_modules(ROOT / "train")
+    assert not {n for n in imported if n == "ray" or n.startswith("ray.") or n.startswith("shopreel.serve")}
+    assert "from ..serve" not in "\n".join(p.read_text() for p in (ROOT / "train").rglob("*.py"))
+
+
 def test_wire_format_knows_no_ray_or_stages():
     """serve/protocol.py is request/response types only: the ingress and job service depend on it."""
     tree = ast.parse((ROOT / "serve" / "protocol.py").read_text())
@@ -55,12 +62,21 @@ def test_import_shopreel_is_lean():
 
 
 def test_no_top_level_pipelines_or_kernels_module():
+    """Nothing of ours answers to `pipelines`, `kernels` or `serve` (HF's `kernels` package may)."""
+    repository = str(Path(__file__).resolve().parent.parent)
+    keep = f"(s.origin or '').startswith({repository!r} + '/' + n + '/')"
     code = (
-        "import importlib.util as u;"
-        "print([n for n in ('pipelines', 'kernels', 'serve') if u.find_spec(n) is not None])"
+        "import importlib.util as u, shopreel;"
+        "specs = [(n, u.find_spec(n)) for n in ('pipelines', 'kernels', 'serve')];"
+        f"print([n for n, s in specs if s is not None and {keep}])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
-    assert out.stdout.strip() == "[]"
+    # From elsewhere, and from the repository root itself (python -m puts the root on sys.path;
+    # importing shopreel takes it off so that transformers' `import kernels` finds the real one).
+    for cwd in ("/", repository):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cwd
+        )
+        assert out.stdout.strip() == "[]", cwd
 
 
 def _pipelines_import_graph(folder: Path, package: str = "shopreel.pipelines") -> dict[str, set[str]]:
