@@ -251,16 +251,21 @@ def _vae_parameter_groups(vae, config: TrainMiniConfig) -> list[dict]:
     ]
 
 
-def foreground_weights(video, weight: float):
-    """Per-pixel loss weights: ``weight`` where a pixel differs from its frame's border (the product),
-    1 on the backdrop. The product is a tenth of the pixels; unweighted, an autoencoder learns the
-    backdrop and the product's brightness long before its colour and shape."""
+def product_mask(video):
+    """1.0 where a pixel differs from its frame's border (the product), 0.0 on the backdrop:
+    (B, 1, T, H, W) for a (B, 3, T, H, W) video in [-1, 1]."""
     import torch
 
     border = torch.cat([video[..., 0, :], video[..., -1, :], video[..., :, 0], video[..., :, -1]], dim=-1)
     backdrop = border.median(dim=-1).values[..., None, None]
-    product = (video - backdrop).abs().amax(dim=1, keepdim=True) > 0.1
-    return 1.0 + (weight - 1.0) * product.float()
+    return ((video - backdrop).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+
+def foreground_weights(video, weight: float):
+    """Per-pixel loss weights: ``weight`` on the product, 1 on the backdrop. The product is a tenth of
+    the pixels; unweighted, an autoencoder learns the backdrop and the product's brightness long before
+    its colour and shape."""
+    return 1.0 + (weight - 1.0) * product_mask(video)
 
 
 def train_vae(vae, config: TrainMiniConfig, log: dict, progress: bool) -> None:
@@ -317,7 +322,7 @@ def encode_clips(vae, config: TrainMiniConfig, log: dict, progress: bool):
             latent = vae.encode(video).latent_dist.mode()
             means.append(latent)
             # The share of each latent cell's pixels that show the product.
-            product = foreground_weights(video, 2.0) - 1.0
+            product = product_mask(video)
             products.append(torch.nn.functional.adaptive_avg_pool3d(product, latent.shape[2:]))
     mean = torch.cat(means)
     if config.init_from is None:
